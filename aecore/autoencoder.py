@@ -1,0 +1,139 @@
+"""Undercomplete MLP autoencoders, optionally with tied weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from aecore.base import AutoEncoderBase
+from aecore.kernels.fused_linear import fused_linear
+from aecore.layers import FusedLinear
+from aecore.registry import register
+
+
+def _dims(name: str, dims: Sequence[int]) -> list[int]:
+    dims = [int(d) for d in dims]
+    if any(d < 1 for d in dims):
+        raise ValueError(f"{name} must be positive integers, got {dims}")
+    return dims
+
+
+class Encoder(nn.Module):
+    """MLP encoder: (B, input_dim) -> (B, latent_dim) through ``hidden_dims``.
+
+    ``layers`` holds the FusedLinear layers, input side first.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
+                 activation: str = "relu", latent_activation: str = "identity"):
+        super().__init__()
+        sizes = _dims("input_dim, hidden_dims and latent_dim",
+                      [input_dim, *hidden_dims, latent_dim])
+        acts = [activation] * len(hidden_dims) + [latent_activation]
+        self.layers = nn.ModuleList(
+            FusedLinear(a, b, activation=act) for a, b, act in zip(sizes, sizes[1:], acts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """MLP decoder: (B, latent_dim) -> (B, output_dim); ``hidden_dims`` from the latent side."""
+
+    def __init__(self, latent_dim: int, hidden_dims: Sequence[int], output_dim: int,
+                 activation: str = "relu", output_activation: str = "identity"):
+        super().__init__()
+        sizes = _dims("latent_dim, hidden_dims and output_dim",
+                      [latent_dim, *hidden_dims, output_dim])
+        acts = [activation] * len(hidden_dims) + [output_activation]
+        self.layers = nn.ModuleList(
+            FusedLinear(a, b, activation=act) for a, b, act in zip(sizes, sizes[1:], acts)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+
+class TiedDecoder(nn.Module):
+    """Decoder that reuses the encoder's weights transposed, with biases of its own."""
+
+    def __init__(self, encoder: Encoder, activation: str = "relu",
+                 output_activation: str = "identity"):
+        super().__init__()
+        # A plain list keeps the encoder out of this module's parameters: its weights are
+        # owned (and saved) once, by the encoder.
+        self._encoder = [encoder]
+        layers = list(encoder.layers)[::-1]
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.zeros(layer.in_features)) for layer in layers
+        )
+        self.activations = [activation] * (len(layers) - 1) + [output_activation]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        layers = list(self._encoder[0].layers)[::-1]
+        for layer, bias, act in zip(layers, self.biases, self.activations):
+            z = fused_linear(z, layer.weight.t(), bias, act)
+        return z
+
+
+@register
+class AutoEncoder(AutoEncoderBase):
+    """Undercomplete MLP autoencoder; ``tied=True`` decodes with the encoder's weights transposed.
+
+    forward: (B, input_dim) -> (B, input_dim) reconstruction; encode: -> (B, latent_dim).
+    """
+
+    family = "ae"
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (256,), latent_dim: int = 32,
+                 activation: str = "relu", tied: bool = False,
+                 output_activation: str = "identity", latent_activation: str = "identity"):
+        super().__init__()
+        self.input_shape = (int(input_dim),)
+        self.latent_dim = int(latent_dim)
+        self.hidden_dims = [int(h) for h in hidden_dims]
+        self.activation = activation
+        self.tied = bool(tied)
+        self.output_activation = output_activation
+        self.latent_activation = latent_activation
+        self.encoder = Encoder(input_dim, self.hidden_dims, latent_dim, activation,
+                               latent_activation)
+        if self.tied:
+            self.decoder = TiedDecoder(self.encoder, activation, output_activation)
+        else:
+            self.decoder = Decoder(latent_dim, self.hidden_dims[::-1], input_dim, activation,
+                                   output_activation)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "input_dim": self.input_shape[0],
+            "hidden_dims": self.hidden_dims,
+            "latent_dim": self.latent_dim,
+            "activation": self.activation,
+            "tied": self.tied,
+            "output_activation": self.output_activation,
+            "latent_activation": self.latent_activation,
+        }
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
+             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        target = x if target is None else target
+        mse = (self(x) - target).pow(2).mean()
+        return {"loss": mse, "mse": mse}

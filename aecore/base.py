@@ -1,0 +1,67 @@
+"""What every aecore model is: the protocol the trainer, the CLI and the exporter rely on."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from aecore.normalization import Normalization
+
+
+class AutoEncoderBase(nn.Module):
+    """Base of every model family.
+
+    Subclasses set ``family`` (the CLI / registry name), ``input_shape`` (one sample's shape,
+    no batch dim) and ``latent_dim``, and implement:
+
+    - ``encode(x) -> z``: (B, *input_shape) -> (B, latent_dim); VAEs return (mu, logvar)
+    - ``decode(z) -> x_hat``: (B, latent_dim) -> (B, *input_shape)
+    - ``forward(x) -> x_hat``: deterministic reconstruction (the exported ``autoencoder`` part)
+    - ``loss(x, y=None, target=None) -> dict``: ``{"loss": scalar, <term>: scalar, ...}``;
+      ``target`` (default x) is the clean input the reconstruction is compared with (denoising)
+    - ``config() -> dict``: JSON-able constructor kwargs; ``type(self)(**config())`` rebuilds it
+
+    ``normalization`` maps raw data to the model's input space and travels with the model.
+    """
+
+    family: ClassVar[str] = ""
+    input_shape: tuple[int, ...]
+    latent_dim: int
+    normalization: Normalization | None = None
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
+             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction, (B, *input_shape) -> (B, *input_shape)."""
+        return self(x)
+
+    def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean squared reconstruction error, (B, *input_shape) -> (B,)."""
+        err = (self(x) - x).pow(2)
+        return err.flatten(1).mean(dim=1)
+
+    def check_input(self, x: torch.Tensor, arg: str = "x") -> None:
+        """ValueError/TypeError naming ``arg`` unless x is a floating (B, *input_shape) batch."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{arg} must be a floating point tensor, got {x.dtype}")
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(
+                f"{arg} must have shape (batch, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )

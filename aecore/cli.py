@@ -1,0 +1,211 @@
+"""The ``aecore`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t]
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _cmd_quickstart(args) -> int:
+    from aecore.quickstart import run
+
+    run(out=args.out, epochs=args.epochs, seed=args.seed, data_root=args.data_root,
+        progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from aecore import data as datasets
+    from aecore.families import DEFAULT_CORRUPTION, IMAGE_INPUT, USES_LABELS, Sizes, build
+    from aecore.io import save_model
+    from aecore.plots import plot_history
+    from aecore.train import Trainer, TrainingDiverged, init_distributed
+
+    rank, _ = init_distributed()
+    torch.manual_seed(args.seed)
+    data = datasets.load(args.data, root=args.data_root, seed=args.seed)
+    if args.limit:
+        data = data.subset(args.limit, args.limit)
+    sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
+                  channels=args.channels, weight=args.weight)
+    model = build(args.model, data, sizes)
+    flat = args.model not in IMAGE_INPUT
+    x = data.inputs("train", flat=flat)
+    y = data.labels("train") if args.model in USES_LABELS else None
+    spec = args.corruption or DEFAULT_CORRUPTION.get(args.model)
+    corruption = None
+    if spec:
+        from aecore.corruption import parse_corruption
+
+        corruption = parse_corruption(spec)
+    out = Path(args.out)
+    trainer = Trainer(model, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                      val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
+                      corruption=corruption, amp=args.amp, progress=not args.quiet,
+                      checkpoint_dir=out / "checkpoints")
+    try:
+        history = trainer.fit(x, y, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
+    from aecore.train import evaluate
+
+    test = evaluate(model, data.inputs("test", flat=flat),
+                    data.labels("test") if y is not None else None)
+    save_model(model, out, history,
+               extra={"data": args.data, "model": args.model, "corruption": spec,
+                      "test": test})
+    plot_history(history, out / "loss.png")
+    if model.latent_dim == 2 and not data.is_image:
+        from aecore.plots import plot_latent_2d
+
+        with torch.no_grad():
+            code = model.encode(torch.from_numpy(data.inputs("test", flat=flat)))
+        code = code[0] if isinstance(code, tuple) else code
+        plot_latent_2d(code.numpy(), out / "latent.png", color=data.labels("test"),
+                       title=f"{args.model} codes of {data.name}")
+    print("test " + "  ".join(f"{k}={v:.5g}" for k, v in test.items()))
+    print(f"saved {out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from aecore.io import load_model
+    from aecore.vae import sample_grid
+
+    model = load_model(args.model_dir)
+    sample_grid(model, args.n, args.out, label=args.label, seed=args.seed)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from aecore.export.cli import export_cli
+
+    export_cli(args.model_dir, args.part, args.out, quantize=args.quantize,
+               threshold=args.threshold, calibration=args.calibration)
+    return 0
+
+
+def _cmd_infer(args) -> int:
+    from aecore.export.cli import infer_cli
+
+    infer_cli(args.model, args.input, args.out)
+    return 0
+
+
+def _cmd_denoise(args) -> int:
+    from aecore.corruption import denoise_file
+
+    denoise_file(args.model_dir, args.input, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from aecore.bench_report import main as bench_main
+
+    return bench_main(out=args.out, quick=args.quick, only=args.only)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aecore", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="train an autoencoder on Fashion-MNIST (or digits), "
+                       "compare with PCA, plot reconstructions")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-root", default=None, help="folder holding the Fashion-MNIST files")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=_cmd_quickstart)
+
+    t = sub.add_parser("train", help="train a model family and save it")
+    t.add_argument("--model", default="ae")
+    t.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, digits, swiss-roll or a .npy/.csv path")
+    t.add_argument("--data-root", default=None)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--out", required=True)
+    t.add_argument("--hidden", type=_ints, default=None, help="hidden sizes, e.g. 512,128")
+    t.add_argument("--latent", type=int, default=None)
+    t.add_argument("--channels", type=_ints, default=None, help="conv channels, e.g. 32,64")
+    t.add_argument("--activation", default="relu")
+    t.add_argument("--weight", type=float, default=None,
+                   help="the family's penalty weight (cae: lambda, beta-vae: beta, sparse-ae)")
+    t.add_argument("--corruption", default=None,
+                   help="denoising: gaussian:SIGMA, mask:FRACTION or saltpepper:FRACTION")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--patience", type=int, default=None, help="early stopping patience")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="use the first N samples only")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a trained VAE's prior as a PNG grid")
+    s.add_argument("model_dir")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--label", type=int, default=None, help="class for a conditional model")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_sample)
+
+    e = sub.add_parser("export", help="export a trained model to ONNX")
+    e.add_argument("model_dir")
+    e.add_argument("--part", default="autoencoder",
+                   choices=["autoencoder", "encoder", "decoder", "generator", "scorer"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--quantize", choices=["dynamic", "static", "fp16"], default=None)
+    e.add_argument("--calibration", default=None, help=".npy inputs for static quantization")
+    e.add_argument("--threshold", type=float, default=None, help="scorer's anomaly threshold")
+    e.set_defaults(fn=_cmd_export)
+
+    i = sub.add_parser("infer", help="run an exported ONNX model on a .npy file")
+    i.add_argument("model")
+    i.add_argument("input")
+    i.add_argument("--out", required=True)
+    i.set_defaults(fn=_cmd_infer)
+
+    d = sub.add_parser("denoise", help="denoise a .npy batch with a trained model")
+    d.add_argument("model_dir")
+    d.add_argument("input")
+    d.add_argument("--out", default="denoised.npy")
+    d.set_defaults(fn=_cmd_denoise)
+
+    b = sub.add_parser("bench", help="benchmark every kernel against eager and torch.compile")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--only", default=None)
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"aecore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Data sets: Fashion-MNIST, scikit-learn's digits and swiss roll, and the user's own arrays.
+
+Every loader returns a :class:`Dataset` whose raw arrays keep their units; ``inputs()`` gives
+model inputs through the dataset's :class:`~aecore.normalization.Normalization`, which is saved
+with every model trained on it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aecore.normalization import Normalization
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+NAMES = ("fashion-mnist", "digits", "swiss-roll")
+
+
+@dataclass
+class Dataset:
+    """A train/test split. ``x_*`` are raw arrays (N, *sample_shape); ``y_*`` labels or None.
+
+    ``sample_shape`` is (C, H, W) for images and (F,) for tabular data.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_test: np.ndarray
+    y_test: np.ndarray | None
+    normalization: Normalization
+    sample_shape: tuple[int, ...]
+    num_classes: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) == 3
+
+    @property
+    def input_dim(self) -> int:
+        return int(np.prod(self.sample_shape))
+
+    def inputs(self, split: str = "train", flat: bool = True) -> np.ndarray:
+        """Normalised float32 model inputs: (N, input_dim) if ``flat`` else (N, *sample_shape)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        x = self.normalization.apply(self.x_train if split == "train" else self.x_test)
+        return x.reshape(len(x), -1) if flat else x.reshape(len(x), *self.sample_shape)
+
+    def labels(self, split: str = "train") -> np.ndarray | None:
+        return self.y_train if split == "train" else self.y_test
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
+        """The first ``n_train`` / ``n_test`` samples (for quick runs)."""
+        def cut(a, n):
+            return a if a is None or n is None else a[:n]
+        return Dataset(self.name, cut(self.x_train, n_train), cut(self.y_train, n_train),
+                       cut(self.x_test, n_test), cut(self.y_test, n_test), self.normalization,
+                       self.sample_shape, self.num_classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format): magic, dims, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding the four Fashion-MNIST files: ``root``, $AECORE_FASHION_MNIST, or the
+    Debian package's location; None when absent."""
+    candidates = [root] if root is not None else [os.environ.get("AECORE_FASHION_MNIST"),
+                                                  *FASHION_MNIST_DIRS]
+    for c in candidates:
+        files = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
+        if c and all((Path(c) / f).is_file() for f in files):
+            return Path(c)
+    return None
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST: 60000 train / 10000 test 28x28 grey images, 10 classes."""
+    folder = find_fashion_mnist(root)
+    if folder is None:
+        where = repr(str(root)) if root is not None else " or ".join(FASHION_MNIST_DIRS)
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {where}. Install it with "
+            "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four "
+            "*-ubyte.gz files from the Fashion-MNIST project and pass their folder "
+            "(--data-root DIR or AECORE_FASHION_MNIST=DIR)."
+        )
+    arrays = {}
+    for split, (img, lab) in FASHION_MNIST_FILES.items():
+        x = _read_idx(folder / img)
+        y = _read_idx(folder / lab).astype(np.int64)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{folder}: {img} and {lab} hold different sample counts")
+        arrays[split] = (x[:, None, :, :], y)
+    return Dataset("fashion-mnist", arrays["train"][0], arrays["train"][1], arrays["test"][0],
+                   arrays["test"][1], Normalization(mean=0.0, std=255.0), (1, 28, 28), 10)
+
+
+def _split(x: np.ndarray, y: np.ndarray | None, test_fraction: float, seed: int):
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    te, tr = order[:n_test], order[n_test:]
+    return x[tr], (None if y is None else y[tr]), x[te], (None if y is None else y[te])
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 1797 8x8 handwritten digits (pixel values 0..16), 10 classes."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = d.images.astype(np.float32)[:, None, :, :]
+    parts = _split(x, d.target.astype(np.int64), test_fraction, seed)
+    return Dataset("digits", *parts, Normalization(mean=0.0, std=16.0), (1, 8, 8), 10)
+
+
+def load_swiss_roll(n: int = 4000, noise: float = 0.05, test_fraction: float = 0.2,
+                    seed: int = 0) -> Dataset:
+    """The 3-D swiss roll; ``y`` is the position along the roll (the 1-D manifold coordinate)."""
+    from sklearn.datasets import make_swiss_roll
+
+    x, t = make_swiss_roll(n_samples=n, noise=noise, random_state=seed)
+    x = x.astype(np.float32)
+    parts = _split(x, t.astype(np.float32), test_fraction, seed)
+    return Dataset("swiss-roll", *parts, Normalization.fit(parts[0]), (3,), None)
+
+
+def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
+               label_column: int | None = None) -> Dataset:
+    """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F), optionally with a
+    label column. Tabular data gets per-feature standardisation fitted on the train split;
+    (N, H, W) / (N, C, H, W) arrays are treated as images scaled by their max."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        x = np.load(path, allow_pickle=False)
+    elif path.suffix == ".csv":
+        x = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    else:
+        raise ValueError(f"data file must be .npy or .csv, got {str(path)!r}")
+    if x.ndim < 2 or len(x) < 2:
+        raise ValueError(f"data in {str(path)!r} must be an array of shape (N, ...) with N >= 2, "
+                         f"got {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise TypeError(f"data in {str(path)!r} must be numeric, got dtype {x.dtype}")
+    y = None
+    if label_column is not None:
+        if x.ndim != 2:
+            raise ValueError("label_column needs a 2-D table")
+        y = x[:, label_column].astype(np.int64)
+        x = np.delete(x, label_column, axis=1)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"data in {str(path)!r} contains NaN or Inf")
+    x = x.astype(np.float32)
+    if x.ndim == 3:
+        x = x[:, None]
+    parts = _split(x, y, test_fraction, seed)
+    if x.ndim == 4:
+        peak = float(np.abs(parts[0]).max()) or 1.0
+        norm = Normalization(mean=0.0, std=peak)
+    else:
+        parts = (parts[0].reshape(len(parts[0]), -1), parts[1],
+                 parts[2].reshape(len(parts[2]), -1), parts[3])
+        norm = Normalization.fit(parts[0])
+    classes = int(y.max()) + 1 if y is not None else None
+    return Dataset(path.stem, *parts, norm, tuple(parts[0].shape[1:]), classes)
+
+
+def load(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
+    """Load a data set by name (``fashion-mnist``, ``digits``, ``swiss-roll``) or file path."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root)
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "swiss-roll":
+        return load_swiss_roll(seed=seed)
+    if Path(name).suffix in (".npy", ".csv"):
+        return load_array(name, seed=seed)
+    raise ValueError(f"data must be one of {NAMES} or a .npy/.csv path, got {name!r}")

@@ -1,0 +1,72 @@
+"""What ``aecore train --model NAME`` builds: one builder per CLI model name.
+
+A builder takes the data set and the CLI's size options and returns a model; defaults per data
+set live here so that every family trains sensibly with no options at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aecore.data import Dataset
+
+
+@dataclass
+class Sizes:
+    """Model-size options shared by every family (None = the data set's default)."""
+
+    hidden: list[int] | None = None
+    latent: int | None = None
+    activation: str = "relu"
+    channels: list[int] | None = None
+    weight: float | None = None  # the family's penalty weight (lam, beta, sparsity weight)
+
+
+def default_hidden(data: Dataset) -> list[int]:
+    d = data.input_dim
+    return [512, 128] if d >= 512 else [max(4 * d, 32)] if d < 16 else [max(d // 2, 16)]
+
+
+def default_latent(data: Dataset) -> int:
+    d = data.input_dim
+    return 32 if d >= 512 else 2 if d <= 3 else max(d // 4, 2)
+
+
+def _mlp_kwargs(data: Dataset, s: Sizes) -> dict:
+    return {"input_dim": data.input_dim, "hidden_dims": s.hidden or default_hidden(data),
+            "latent_dim": s.latent or default_latent(data), "activation": s.activation}
+
+
+def _ae(data: Dataset, s: Sizes, **kw):
+    from aecore.autoencoder import AutoEncoder
+
+    out = "sigmoid" if data.is_image else "identity"
+    return AutoEncoder(**_mlp_kwargs(data, s), output_activation=out, **kw)
+
+
+BUILDERS: dict[str, Callable] = {
+    "ae": _ae,
+    "tied-ae": lambda data, s: _ae(data, s, tied=True),
+}
+
+# Families whose models take images as (B, C, H, W); the rest take flat (B, input_dim) rows.
+IMAGE_INPUT: set[str] = set()
+# Families whose training uses the labels (conditional models).
+USES_LABELS: set[str] = set()
+# Families trained on corrupted inputs by default (the corruption spec).
+DEFAULT_CORRUPTION: dict[str, str] = {}
+
+
+def build(name: str, data: Dataset, sizes: Sizes | None = None):
+    """Build the model the CLI calls ``name`` for ``data``."""
+    if name not in BUILDERS:
+        raise ValueError(f"model must be one of {sorted(BUILDERS)}, got {name!r}")
+    if name in IMAGE_INPUT and not data.is_image:
+        raise ValueError(f"model {name!r} needs image data; {data.name!r} has samples of shape "
+                         f"{data.sample_shape}")
+    if name in USES_LABELS and data.num_classes is None:
+        raise ValueError(f"model {name!r} needs labelled data; {data.name!r} has no labels")
+    model = BUILDERS[name](data, sizes or Sizes())
+    model.normalization = data.normalization
+    return model

@@ -1,0 +1,241 @@
+"""Training: a Trainer that any aecore model plugs into through ``model.loss``.
+
+Resumable (a resumed run repeats an uninterrupted one exactly on CPU), crash-safe checkpoints,
+a NaN/Inf guard, early stopping on validation loss, bf16 autocast on CUDA, and data-parallel
+training across processes started by ``torchrun`` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from aecore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint (if any) is kept."""
+
+
+def _as_tensor(a, name: str, dtype=None) -> torch.Tensor | None:
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(np.ascontiguousarray(a))
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy array or torch.Tensor, got {type(a).__name__}")
+    return a.to(dtype) if dtype is not None else a
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """Mean of every term of ``model.loss`` over (x, y), weighted by batch size."""
+    device = device or next(model.parameters()).device
+    x = _as_tensor(x, "x", torch.float32)
+    y = _as_tensor(y, "y")
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        yb = None if y is None else y[i:i + batch_size].to(device)
+        for k, v in model.loss(xb, yb).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(xb)
+    model.train(was_training)
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+class Trainer:
+    """Adam on mini-batches with a validation split.
+
+    ``fit(x, y=None)`` takes normalised inputs (N, ...) and optional labels (N,) and returns the
+    history: one record per epoch with ``train_loss``, ``val_loss`` and every other loss term.
+    With ``checkpoint_dir`` each epoch ends in a checkpoint, and ``resume=True`` continues
+    from the newest one.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, batch_size: int = 128,
+                 epochs: int = 10, val_fraction: float = 0.1, seed: int = 0,
+                 weight_decay: float = 0.0, patience: int | None = None,
+                 corruption: Corruption | None = None, amp: bool = False,
+                 device: str | torch.device | None = None, progress: bool = True,
+                 checkpoint_dir: str | os.PathLike | None = None):
+        if lr <= 0 or not math.isfinite(lr):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {patience}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.lr, self.batch_size, self.epochs = lr, batch_size, epochs
+        self.val_fraction, self.seed, self.patience = val_fraction, seed, patience
+        self.corruption = corruption
+        self.amp = amp and self.device.type == "cuda"
+        self.progress = progress
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.history: list[dict] = []
+        self.rank, self.world = init_distributed()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = int(round(n * self.val_fraction)) if self.val_fraction > 0 else 0
+        if self.val_fraction > 0 and n_val == 0:
+            n_val = 1
+        if n - n_val < 1:
+            raise ValueError(f"x has {n} samples: too few for val_fraction={self.val_fraction}")
+        return order[n_val:], order[:n_val]
+
+    def _rng_state(self, shuffle: torch.Generator, noise: torch.Generator) -> dict:
+        state = {"shuffle": shuffle.get_state(), "noise": noise.get_state(),
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def _sync_grads(self) -> None:
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.world
+
+    def _step(self, xb, yb, noise: torch.Generator) -> dict[str, torch.Tensor]:
+        inp = self.corruption(xb, noise) if self.corruption is not None else xb
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            terms = self.model.loss(inp, yb, target=xb)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            return terms
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world > 1:
+            self._sync_grads()
+        self.optimizer.step()
+        return terms
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self, x, y=None, resume: bool = False) -> list[dict]:
+        """Train on normalised inputs ``x`` (N, ...) with optional labels ``y`` (N,)."""
+        x = _as_tensor(x, "x", torch.float32)
+        y = _as_tensor(y, "y")
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"y must have one label per sample: x has {len(x)}, y has {len(y)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf")
+        train_idx, val_idx = self._split(len(x))
+        shuffle = torch.Generator().manual_seed(self.seed + 1)
+        noise = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        start, best, bad_epochs, best_state = 1, math.inf, 0, None
+
+        if self.world > 1:
+            for p in self.model.state_dict().values():
+                dist.broadcast(p, src=0)
+        if resume:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume=True needs checkpoint_dir")
+            folder = latest_checkpoint(self.checkpoint_dir)
+            if folder is not None:
+                state, rng = load_checkpoint(folder, self.model, self.optimizer)
+                shuffle.set_state(rng["shuffle"])
+                noise.set_state(rng["noise"])
+                torch.set_rng_state(rng["torch"])
+                if "cuda" in rng and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(rng["cuda"])
+                self.history = state["history"]
+                start, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+
+        self.model.train()
+        for epoch in range(start, self.epochs + 1):
+            t0 = time.perf_counter()
+            perm = train_idx[torch.randperm(len(train_idx), generator=shuffle)]
+            # Every rank walks the same permutation and takes its own slice of each batch.
+            batches = [perm[i:i + self.batch_size * self.world]
+                       for i in range(0, len(perm), self.batch_size * self.world)]
+            sums: dict[str, float] = {}
+            seen = 0
+            bar = tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                       disable=not self.progress or self.rank != 0)
+            for step, idx in enumerate(bar):
+                idx = idx[self.rank::self.world]
+                if len(idx) == 0:
+                    continue
+                xb = x[idx].to(self.device, non_blocking=True)
+                yb = None if y is None else y[idx].to(self.device, non_blocking=True)
+                terms = self._step(xb, yb, noise)
+                if not torch.isfinite(terms["loss"]):
+                    last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+                    kept = f"; the last good checkpoint is {last}" if last else ""
+                    raise TrainingDiverged(
+                        f"loss became {float(terms['loss'])} at epoch {epoch}, step {step + 1}; "
+                        f"training stopped{kept}. Try a lower learning rate (lr={self.lr})."
+                    )
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+                seen += len(idx)
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.4g}")
+            record: dict[str, float] = {"epoch": epoch}
+            if self.world > 1:
+                packed = torch.tensor([seen, *sums.values()], dtype=torch.float64)
+                dist.all_reduce(packed)
+                seen, sums = int(packed[0]), dict(zip(sums, packed[1:].tolist()))
+            record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
+            if len(val_idx):
+                val_y = None if y is None else y[val_idx]
+                val = evaluate(self.model, x[val_idx], val_y, device=self.device)
+                self.model.train()
+                record.update({f"val_{k}": v for k, v in val.items()})
+            record["time_s"] = time.perf_counter() - t0
+            self.history.append(record)
+            if self.rank == 0 and self.progress:
+                terms_txt = "  ".join(f"{k}={v:.5g}" for k, v in record.items()
+                                      if k not in ("epoch", "time_s"))
+                tqdm.write(f"epoch {epoch}/{self.epochs}  {terms_txt}  ({record['time_s']:.1f}s)")
+
+            monitor = record.get("val_loss", record["train_loss"])
+            if monitor < best:
+                best, bad_epochs = monitor, 0
+                if self.patience is not None:
+                    best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            if self.checkpoint_dir is not None and self.rank == 0:
+                save_checkpoint(self.checkpoint_dir, epoch, self.model, self.optimizer,
+                                self._rng_state(shuffle, noise),
+                                {"history": self.history, "best": best, "bad_epochs": bad_epochs})
+            if self.patience is not None and bad_epochs >= self.patience:
+                if self.rank == 0 and self.progress:
+                    tqdm.write(f"early stopping: val_loss has not improved for {bad_epochs} epochs")
+                break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        return self.history

@@ -1,0 +1,48 @@
+"""Interleaved timing: every variant of a case runs round-robin in one process, so that
+ratios between them are not skewed by the machine's drift. Medians, never means."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 3,
+                device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Time each fn ``rounds`` times, round-robin; return per-name median/min/max seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+        for name, t in times.items()
+    }
+
+
+def ratios(stats: dict[str, dict[str, float]], subject: str = "aecore") -> dict[str, float]:
+    """speed of ``subject`` relative to each other variant: median(other) / median(subject);
+    above 1 means ``subject`` is faster."""
+    base = stats[subject]["median"]
+    return {f"speedup_vs_{name}": s["median"] / base
+            for name, s in stats.items() if name != subject}
+
+
+def rounds_for(benchmark, full: int) -> int:
+    """One round when pytest-benchmark runs with --benchmark-disable (CI smoke), else ``full``."""
+    return 1 if getattr(benchmark, "disabled", False) else full

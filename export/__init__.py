@@ -1,0 +1,1 @@
+"""aecore.export: ONNX export, verification, quantization and a torch-free runtime."""

@@ -1,0 +1,62 @@
+"""The one place where an op picks its backend: Triton kernels or the torch reference.
+
+``auto`` runs Triton for CUDA tensors and the torch reference elsewhere. ``AECORE_BACKEND``
+(``triton`` | ``torch`` | ``auto``) or an explicit ``backend=`` argument forces a choice.
+With ``TRITON_INTERPRET=1`` the Triton path also runs on CPU tensors (that is how the tests
+exercise the kernels on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def exporting() -> bool:
+    """True while torch.export or ONNX export traces: ops then emit their reference math."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
+def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
+
+    Raises ValueError for an unknown name and RuntimeError when Triton is forced where it
+    can't run (CPU tensors without the interpreter, or float64, which the kernels don't take).
+    """
+    if backend is None:
+        backend = os.environ.get("AECORE_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if exporting():
+        return "torch"
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        use_triton = on_cuda and triton_available() and not any(
+            t.dtype == torch.float64 for t in tensors
+        )
+        return "triton" if use_triton else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if not (on_cuda or interpreting()):
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU; "
+                f"got tensors on {sorted({str(t.device) for t in tensors})}"
+            )
+        if any(t.dtype == torch.float64 for t in tensors):
+            raise TypeError("backend='triton' takes float32, float16 or bfloat16 tensors; "
+                            "use backend='torch' for float64")
+    return backend

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+import aecore
+from aecore.autoencoder import AutoEncoder, Encoder
+from aecore.io import load_model, save_model
+from aecore.layers import FusedLinear
+from aecore.normalization import Normalization
+
+
+def test_fused_linear_is_a_drop_in_for_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(7, 5)
+    torch.manual_seed(0)
+    fused = FusedLinear(7, 5, activation="tanh")
+    for name, p in ref.named_parameters():  # same initialisation from the same seed
+        torch.testing.assert_close(p, dict(fused.named_parameters())[name])
+    fused.load_state_dict(ref.state_dict())
+    assert set(fused.state_dict()) == set(ref.state_dict())
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(fused(x), torch.tanh(ref(x)))
+    no_bias = FusedLinear(7, 5, bias=False, activation="relu")
+    assert no_bias.bias is None and no_bias(x).shape == (3, 5)
+
+
+def test_unknown_activation_is_rejected():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FusedLinear(3, 2, activation="swish")
+    with pytest.raises(ValueError, match="hidden_dims"):
+        Encoder(4, [0], 2)
+
+
+def test_autoencoder_shapes_and_tied_weights():
+    torch.manual_seed(0)
+    ae = AutoEncoder(20, [16, 8], 3)
+    x = torch.rand(5, 20)
+    assert ae.encode(x).shape == (5, 3) and ae(x).shape == (5, 20)
+    tied = AutoEncoder(20, [16, 8], 3, tied=True)
+    n_untied = sum(p.numel() for p in ae.parameters())
+    n_tied = sum(p.numel() for p in tied.parameters())
+    weights = sum(layer.weight.numel() for layer in tied.encoder.layers)
+    assert n_untied - n_tied == weights  # the decoder owns biases only
+    # The tied decoder really is the transposed encoder: check against explicit math.
+    z = torch.randn(4, 3)
+    h = z
+    layers = list(tied.encoder.layers)[::-1]
+    for i, (layer, b) in enumerate(zip(layers, tied.decoder.biases)):
+        h = h @ layer.weight + b
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+    torch.testing.assert_close(tied.decode(z), h)
+    # Gradients of the reconstruction reach the shared weights from both sides.
+    tied.loss(x)["loss"].backward()
+    assert all(layer.weight.grad is not None for layer in tied.encoder.layers)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_round_trip(tmp_path, tied):
+    ae = AutoEncoder(12, [6], 2, tied=tied, output_activation="sigmoid")
+    ae.normalization = Normalization(mean=0.0, std=255.0)
+    save_model(ae, tmp_path / "m", history=[{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1}])
+    back = load_model(tmp_path / "m")
+    assert isinstance(back, AutoEncoder) and back.config() == ae.config()
+    assert back.normalization == ae.normalization
+    x = torch.rand(3, 12)
+    torch.testing.assert_close(back(x), ae.eval()(x))
+    assert aecore.io.load_history(tmp_path / "m")[0]["val_loss"] == 1.1
+    assert not list(tmp_path.glob("m/*.tmp"))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an aecore model folder"):
+        load_model(tmp_path)
+    aecore.io.write_json(tmp_path / "config.json", {"family": "nope", "kwargs": {}})
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        load_model(tmp_path)
+
+
+def test_check_input_messages():
+    ae = AutoEncoder(4, [3], 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 4\)"):
+        ae.check_input(torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        ae.check_input(torch.zeros(2, 4, dtype=torch.int64))

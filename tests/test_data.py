@@ -1,0 +1,97 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from aecore import data
+from aecore.normalization import Normalization
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_on_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 7), ("t10k", 3)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    d = data.load_fashion_mnist(tmp_path)
+    assert d.x_train.shape == (7, 1, 28, 28) and d.x_test.shape == (3, 1, 28, 28)
+    assert d.y_train.dtype == np.int64 and d.num_classes == 10
+    x = d.inputs("train")
+    assert x.shape == (7, 784) and x.dtype == np.float32
+    np.testing.assert_allclose(x, d.x_train.reshape(7, -1) / 255.0, rtol=1e-6)
+
+
+def test_fashion_mnist_truncated_file_is_an_error(tmp_path):
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "rb") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-10])
+    with pytest.raises(ValueError, match="header says"):
+        data._read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(data.find_fashion_mnist() is None, reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    d = data.load("fashion-mnist")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert np.bincount(d.y_train).tolist() == [6000] * 10
+    assert 0.0 <= d.inputs("test").min() and d.inputs("test").max() <= 1.0
+
+
+def test_digits_and_swiss_roll():
+    d = data.load("digits")
+    assert d.x_train.shape[1:] == (1, 8, 8) and len(d.x_train) + len(d.x_test) == 1797
+    assert d.inputs().max() <= 1.0 and d.is_image
+    s = data.load("swiss-roll")
+    assert s.x_train.shape[1:] == (3,) and not s.is_image
+    np.testing.assert_allclose(s.inputs().mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(s.inputs().std(0), 1, atol=1e-4)
+
+
+def test_user_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    table = rng.normal(3.0, 2.0, (50, 4)).astype(np.float32)
+    np.save(tmp_path / "t.npy", table)
+    d = data.load(str(tmp_path / "t.npy"))
+    assert d.sample_shape == (4,) and len(d.x_train) == 40
+    np.savetxt(tmp_path / "t.csv", np.c_[table, rng.integers(0, 3, 50)], delimiter=",")
+    c = data.load_array(tmp_path / "t.csv", label_column=4)
+    assert c.sample_shape == (4,) and c.num_classes is not None
+    imgs = rng.integers(0, 200, (20, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "imgs.npy", imgs)
+    i = data.load(str(tmp_path / "imgs.npy"))
+    assert i.sample_shape == (1, 6, 6) and i.inputs().max() <= 1.0
+
+
+def test_user_array_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load(str(tmp_path / "nope.npy"))
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        data.load(str(tmp_path / "nan.npy"))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, {"b": 2}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):  # object arrays would need pickle: refused
+        data.load(str(tmp_path / "obj.npy"))
+    with pytest.raises(ValueError, match="data must be one of"):
+        data.load("imagenet")
+
+
+def test_normalization_round_trip():
+    n = Normalization(mean=[1.0, 2.0], std=[2.0, 4.0])
+    x = np.array([[3.0, 6.0]], np.float32)
+    np.testing.assert_allclose(n.apply(x), [[1.0, 1.0]])
+    np.testing.assert_allclose(n.invert(n.apply(x)), x)
+    assert Normalization.from_dict(n.to_dict()) == n
+    with pytest.raises(ValueError, match="std"):
+        Normalization(mean=0.0, std=0.0)
