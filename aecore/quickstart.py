@@ -33,7 +33,7 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     torch.manual_seed(seed)
     if datasets.find_fashion_mnist(data_root) is not None:
         data = datasets.load_fashion_mnist(data_root)
-        epochs = epochs or 10
+        epochs = epochs or 15
     else:
         print("Fashion-MNIST not found (sudo apt-get install dataset-fashion-mnist); "
               "using scikit-learn's digits instead.")

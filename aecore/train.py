@@ -199,7 +199,7 @@ class Trainer:
                         f"training stopped{kept}. Try a lower learning rate (lr={self.lr})."
                     )
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
                 seen += len(idx)
                 bar.set_postfix(loss=f"{sums['loss'] / seen:.4g}")
             record: dict[str, float] = {"epoch": epoch}

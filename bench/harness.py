@@ -46,3 +46,38 @@ def ratios(stats: dict[str, dict[str, float]], subject: str = "aecore") -> dict[
 def rounds_for(benchmark, full: int) -> int:
     """One round when pytest-benchmark runs with --benchmark-disable (CI smoke), else ``full``."""
     return 1 if getattr(benchmark, "disabled", False) else full
+
+
+def record(benchmark, *, kernel: str, case: str, mode: str,
+           stats: dict[str, dict[str, float]], size: float | None = None,
+           flops: float | None = None, bytes_moved: float | None = None,
+           compile_s: float | None = None, peak_bytes: dict[str, float] | None = None,
+           device: str = "cpu") -> dict:
+    """Attach one case's interleaved measurements to ``benchmark.extra_info`` in the schema the
+    report (aecore bench) reads, and print a one-line summary.
+
+    ``stats``: per-variant {"median", "min", "max"} seconds from :func:`interleaved`;
+    ``flops`` / ``bytes_moved``: work of one call, for achieved rates against the ceilings;
+    ``size``: the x coordinate of time-vs-size plots.
+    """
+    info = {"kernel": kernel, "case": case, "mode": mode, "device": device, "stats": stats,
+            "size": size, "flops": flops, "bytes": bytes_moved, "compile_s": compile_s,
+            "peak_bytes": peak_bytes}
+    if "aecore" in stats:
+        info.update(ratios(stats))
+    benchmark.extra_info.update(info)
+    parts = [f"{k}={v['median'] * 1e3:.3f}ms" for k, v in stats.items()]
+    parts += [f"{k}={v:.2f}" for k, v in info.items() if k.startswith("speedup_vs_")]
+    print(f"[{kernel}] {case} {mode}: " + "  ".join(parts))
+    return info
+
+
+def quick() -> bool:
+    """True under ``aecore bench --quick`` (AECORE_BENCH_QUICK=1): fewer sizes and rounds."""
+    import os
+
+    return os.environ.get("AECORE_BENCH_QUICK", "0") not in ("", "0")
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
