@@ -25,7 +25,7 @@ _EXPORTS = {
 }
 _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families")
 # Modules that register model families when imported.
-FAMILY_MODULES = ("aecore.autoencoder",)
+FAMILY_MODULES = ("aecore.autoencoder", "aecore.conv", "aecore.sparse")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

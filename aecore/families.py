@@ -45,17 +45,36 @@ def _ae(data: Dataset, s: Sizes, **kw):
     return AutoEncoder(**_mlp_kwargs(data, s), output_activation=out, **kw)
 
 
+def _conv_ae(data: Dataset, s: Sizes):
+    from aecore.conv import ConvAutoEncoder
+
+    return ConvAutoEncoder(data.sample_shape, channels=s.channels or [32, 64],
+                           latent_dim=s.latent or default_latent(data), activation=s.activation)
+
+
+def _sparse_ae(data: Dataset, s: Sizes, sparsity: str):
+    from aecore.sparse import SparseAutoEncoder
+
+    out = "sigmoid" if data.is_image else "identity"
+    return SparseAutoEncoder(**_mlp_kwargs(data, s), output_activation=out, sparsity=sparsity,
+                             weight=s.weight)
+
+
 BUILDERS: dict[str, Callable] = {
     "ae": _ae,
     "tied-ae": lambda data, s: _ae(data, s, tied=True),
+    "dae": _ae,
+    "conv-ae": _conv_ae,
+    "sparse-ae": lambda data, s: _sparse_ae(data, s, "kl"),
+    "sparse-l1-ae": lambda data, s: _sparse_ae(data, s, "l1"),
 }
 
 # Families whose models take images as (B, C, H, W); the rest take flat (B, input_dim) rows.
-IMAGE_INPUT: set[str] = set()
+IMAGE_INPUT: set[str] = {"conv-ae"}
 # Families whose training uses the labels (conditional models).
 USES_LABELS: set[str] = set()
-# Families trained on corrupted inputs by default (the corruption spec).
-DEFAULT_CORRUPTION: dict[str, str] = {}
+# Families trained on corrupted inputs by default (the corruption spec; --corruption overrides).
+DEFAULT_CORRUPTION: dict[str, str] = {"dae": "gaussian:0.3"}
 
 
 def build(name: str, data: Dataset, sizes: Sizes | None = None):
