@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FusedLinear": "aecore.layers",
     "Encoder": "aecore.autoencoder",
+    "ConvAutoEncoder": "aecore.conv",
+    "SparseAutoEncoder": "aecore.sparse",
+    "ContractiveAutoEncoder": "aecore.contractive",
     "Decoder": "aecore.autoencoder",
     "AutoEncoder": "aecore.autoencoder",
     "Trainer": "aecore.train",
@@ -25,7 +28,9 @@ _EXPORTS = {
 }
 _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families")
 # Modules that register model families when imported.
-FAMILY_MODULES = ("aecore.autoencoder", "aecore.conv", "aecore.sparse")
+FAMILY_MODULES = (
+    "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive",
+)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

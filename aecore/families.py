@@ -60,11 +60,20 @@ def _sparse_ae(data: Dataset, s: Sizes, sparsity: str):
                              weight=s.weight)
 
 
+def _cae(data: Dataset, s: Sizes):
+    from aecore.contractive import ContractiveAutoEncoder
+
+    out = "sigmoid" if data.is_image else "identity"
+    lam = {} if s.weight is None else {"lam": s.weight}
+    return ContractiveAutoEncoder(**_mlp_kwargs(data, s), output_activation=out, **lam)
+
+
 BUILDERS: dict[str, Callable] = {
     "ae": _ae,
     "tied-ae": lambda data, s: _ae(data, s, tied=True),
     "dae": _ae,
     "conv-ae": _conv_ae,
+    "cae": _cae,
     "sparse-ae": lambda data, s: _sparse_ae(data, s, "kl"),
     "sparse-l1-ae": lambda data, s: _sparse_ae(data, s, "l1"),
 }

@@ -1,0 +1,463 @@
+"""Contractive penalty op (both backends) against vmap(jacrev) in float64, the Hutchinson
+estimate, bad inputs, and contractive autoencoders trained on digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from aecore.kernels import ACTIVATIONS
+from aecore.kernels._activations import act_torch
+from aecore.kernels.contractive import contractive_penalty, contractive_penalty_reference, plan
+from sklearn.datasets import load_digits
+from tolerances import assert_close
+
+from aecore.autoencoder import AutoEncoder, Encoder
+from aecore.contractive import DEFAULT_LAM, ContractiveAutoEncoder, contractive
+from aecore.registry import MODELS
+
+BACKENDS = ("torch", "triton")
+# (d, widths): depths 1-4; widths 1, 3, 17; d < h_1 (direct order) and d > h_1 (Gram order).
+SHAPES = [
+    (3, [17]), (17, [3]), (17, [1]),
+    (5, [17, 3]), (17, [5, 3]),
+    (3, [1, 17, 3]), (17, [3, 5, 1]),
+    (6, [17, 3, 5, 2]),
+]
+BATCH = 5
+
+
+def _encoder_fn(weights, biases, activations, slope):
+    """The encoder as a plain per-sample function (the oracle's own forward)."""
+    def f(v):
+        for w, b, act in zip(weights, biases, activations):
+            v = v @ w.t()
+            if b is not None:
+                v = v + b
+            v = act_torch(v, act, slope)
+        return v
+    return f
+
+
+def oracle(x, weights, biases, activations, slope=0.01):
+    """||J||_F^2 per sample from the materialised Jacobian, torch.func.vmap(jacrev(f))."""
+    J = torch.func.vmap(torch.func.jacrev(_encoder_fn(weights, biases, activations, slope)))(x)
+    return J.pow(2).sum(dim=(1, 2))
+
+
+def _problem(d, widths, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, d, generator=g, dtype=torch.float64)
+    dims = [d, *widths]
+    # Weights ~ 1/sqrt(fan_in) * 1.5 and biases of O(1), so every activation sees both sides
+    # of its kink / curvature.
+    ws = [torch.randn(o, i, generator=g, dtype=torch.float64) * (1.5 / math.sqrt(i))
+          for i, o in zip(dims, dims[1:])]
+    if bias is True:
+        bs = [0.5 * torch.randn(o, generator=g, dtype=torch.float64) for o in widths]
+    else:
+        bs = [0.5 * torch.randn(o, generator=g, dtype=torch.float64) if keep else None
+              for o, keep in zip(widths, bias)]
+    return x, ws, bs
+
+
+def _grads(fn, x, ws, bs):
+    """(P, [dP.c/dx, dW..., db...]) with a fixed random cotangent c over the batch."""
+    params = [x, *ws, *[b for b in bs if b is not None]]
+    params = [p.detach().requires_grad_() for p in params]
+    it = iter(params[1 + len(ws):])
+    bs_ = [next(it) if b is not None else None for b in bs]
+    P = fn(params[0], params[1:1 + len(ws)], bs_)
+    c = torch.linspace(0.5, 1.5, P.shape[0], dtype=torch.float64).to(P.dtype)
+    grads = torch.autograd.grad((P * c).sum(), params, allow_unused=True, materialize_grads=True)
+    return P, grads
+
+
+def _terms(d, widths):
+    """Reduction length of the penalty: ||J||^2 sums, over the batch and the d * h_L Jacobian
+    entries, one product per path through the hidden units, so B * d * h_1 * ... * h_L terms."""
+    return BATCH * math.prod([d, *widths])
+
+
+def _compare(d, widths, acts, backend, dtype, *, bias=True, slope=0.01, transform=None):
+    x, ws, bs = _problem(d, widths, bias=bias)
+    P0, g0 = _grads(lambda x_, w_, b_: oracle(x_, w_, b_, acts, slope), x, ws, bs)
+
+    def ours(x_, w_, b_):
+        x_, w_ = x_.to(dtype), [w.to(dtype) for w in w_]
+        b_ = [None if b is None else b.to(dtype) for b in b_]
+        if transform is not None:
+            x_, w_ = transform(x_, w_)
+        return contractive_penalty(x_, w_, b_, acts, negative_slope=slope, backend=backend)
+
+    P, g = _grads(ours, x, ws, bs)
+    assert P.dtype == dtype and P.shape == (BATCH,)
+    k = _terms(d, widths)
+    assert_close(P.detach(), P0.detach(), dtype, k=k, scale=float(P0.detach().abs().max()))
+    names = ["x"] + [f"W{i}" for i in range(len(ws))] + [f"b{i}" for i, b in enumerate(bs)
+                                                          if b is not None]
+    for name, a, e in zip(names, g, g0):
+        assert a.shape == e.shape, name
+        assert_close(a, e, dtype, k=k, scale=max(float(e.abs().max()), 1e-12))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{d}-{'-'.join(map(str, w))}" for d, w in SHAPES])
+def test_torch_backend_matches_jacrev_float64(shape, activation):
+    d, widths = shape
+    _compare(d, widths, [activation] * len(widths), "torch", torch.float64)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{d}-{'-'.join(map(str, w))}" for d, w in SHAPES])
+def test_triton_backend_matches_jacrev_float32(shape, activation):
+    d, widths = shape
+    _compare(d, widths, [activation] * len(widths), "triton", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_activations_leaky_slope_and_missing_biases(backend):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    acts = ["leaky_relu", "gelu", "softplus", "tanh"]
+    _compare(6, [17, 3, 5, 2], acts, backend, dtype, bias=[False, True, False, True], slope=0.2)
+    _compare(17, [5, 3], ["silu", "sigmoid"], backend, dtype, bias=[False, False])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+
+    def strided(x, ws):
+        # x every other column of a wider buffer; weights as transposed views.
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype)
+        wide[:, ::2] = x
+        ws = [w.t().contiguous().t() for w in ws]
+        assert not wide[:, ::2].is_contiguous() and not ws[0].is_contiguous()
+        return wide[:, ::2], ws
+
+    _compare(17, [5, 3, 2], ["tanh", "relu", "sigmoid"], backend, dtype, transform=strided)
+    _compare(3, [17], ["gelu"], backend, dtype, transform=strided)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(backend, dtype):
+    x, ws, bs = _problem(17, [5, 3])
+    acts = ["tanh", "identity"]
+    # The oracle sees the same rounded inputs the op sees.
+    x, ws, bs = x.to(dtype).double(), [w.to(dtype).double() for w in ws], \
+        [b.to(dtype).double() for b in bs]
+    expected = oracle(x, ws, bs, acts)
+    P = contractive_penalty(x.to(dtype), [w.to(dtype) for w in ws], [b.to(dtype) for b in bs],
+                            acts, backend=backend)
+    assert P.dtype == dtype
+    assert_close(P, expected, dtype, k=BATCH * 25, scale=float(expected.abs().max()))
+
+
+def test_reference_matches_jacrev():
+    for d, widths in [(17, [5, 3]), (3, [17, 3, 2]), (4, [3])]:
+        acts = ["silu"] * len(widths)
+        x, ws, bs = _problem(d, widths)
+        P0, g0 = _grads(lambda x_, w_, b_, a=acts: oracle(x_, w_, b_, a), x, ws, bs)
+        P, g = _grads(lambda x_, w_, b_, a=acts: contractive_penalty_reference(x_, w_, b_, a),
+                      x, ws, bs)
+        k = _terms(d, widths)
+        assert_close(P, P0, torch.float64, k=k, scale=float(P0.abs().max()))
+        for a, e in zip(g, g0):
+            assert_close(a, e, torch.float64, k=k, scale=float(e.abs().max()))
+
+
+def test_plan_follows_the_cost_model():
+    assert plan(256, [784, 1024]) == "closed"
+    # d > h_1: the Gram matrix of W_1 contracts d once per batch.
+    assert plan(256, [784, 512, 128, 32]) == "gram"
+    assert plan(256, [784, 256, 64]) == "gram"
+    # d < h_1: multiplying by W_1 directly is cheaper than a (h_1, h_1) quadratic form.
+    assert plan(256, [16, 64, 8]) == "direct"
+    assert plan(1, [5, 17, 3]) == "direct"
+
+
+def test_custom_op_passes_opcheck():
+    x, ws, bs = _problem(17, [5, 3])
+    x = x.float().requires_grad_()
+    ws = [w.float().requires_grad_() for w in ws]
+    bs = [bs[0].float().requires_grad_()]
+    ids = [ACTIVATIONS.index("tanh"), ACTIVATIONS.index("softplus")]
+    torch.library.opcheck(torch.ops.aecore.contractive_penalty.default,
+                          (x, ws, bs, [True, False], ids, 0.01, "gram", False, True))
+
+
+def test_torch_compile_runs_the_op():
+    x, ws, bs = _problem(17, [5, 3])
+    fn = torch.compile(lambda x_, w_, b_: contractive_penalty(x_, w_, b_, ["tanh", "relu"]),
+                       backend="aot_eager", fullgraph=True)
+    assert_close(fn(x, ws, bs), oracle(x, ws, bs, ["tanh", "relu"]), torch.float64, k=100,
+                 scale=1.0)
+
+
+def test_empty_batch():
+    w = torch.randn(3, 4, requires_grad=True)
+    P = contractive_penalty(torch.zeros(0, 4), [w], [None], ["tanh"])
+    assert P.shape == (0,)
+    P.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+def _ok():
+    return torch.randn(2, 4), [torch.randn(3, 4), torch.randn(2, 3)], [None, None], ["relu"] * 2
+
+
+@pytest.mark.parametrize("change, exc, message", [
+    (lambda a: {**a, "biases": [None]}, ValueError, "one entry per layer; got lengths 2, 1 and 2"),
+    (lambda a: {**a, "activations": ["relu"]}, ValueError, "lengths 2, 2 and 1"),
+    (lambda a: {**a, "weights": [torch.randn(3, 4), torch.randn(2, 5)]}, ValueError,
+     r"weights\[1\] must have 3 input features \(weights\[0\].shape\[0\]\), got shape \(2, 5\)"),
+    (lambda a: {**a, "weights": [torch.randn(3, 5), torch.randn(2, 3)]}, ValueError,
+     r"weights\[0\] must have 4 input features \(x's feature count\)"),
+    (lambda a: {**a, "weights": [torch.randn(3, 4, 1), torch.randn(2, 3)]}, ValueError,
+     r"weights\[0\] must be 2-D"),
+    (lambda a: {**a, "weights": []}, ValueError, "at least one layer"),
+    (lambda a: {**a, "weights": torch.randn(3, 4)}, TypeError, "weights must be a list or tuple"),
+    (lambda a: {**a, "activations": ["relu", "swish"]}, ValueError,
+     r"activations\[1\] must be one of .*got 'swish'"),
+    (lambda a: {**a, "x": torch.randn(2, 4, 1)}, ValueError, r"x must be 2-D \(batch, features\)"),
+    (lambda a: {**a, "x": torch.randn(4)}, ValueError, "x must be 2-D"),
+    (lambda a: {**a, "x": torch.ones(2, 4, dtype=torch.int64)}, TypeError,
+     "x must be a floating point tensor, got torch.int64"),
+    (lambda a: {**a, "x": [[0.0] * 4] * 2}, TypeError, "x must be a torch.Tensor, got list"),
+    (lambda a: {**a, "weights": [torch.randn(3, 4).double(), torch.randn(2, 3)]}, TypeError,
+     r"weights\[0\] must have x's dtype torch.float32, got torch.float64"),
+    (lambda a: {**a, "biases": [torch.randn(4), None]}, ValueError,
+     r"biases\[0\] must have shape \(3,\), got \(4,\)"),
+    (lambda a: {**a, "biases": [3.0, None]}, TypeError,
+     r"biases\[0\] must be a torch.Tensor or None"),
+    (lambda a: {**a, "negative_slope": "0.1"}, TypeError, "negative_slope must be a finite real"),
+])
+def test_bad_inputs_raise(change, exc, message):
+    x, ws, bs, acts = _ok()
+    args = change({"x": x, "weights": ws, "biases": bs, "activations": acts})
+    slope = args.pop("negative_slope", 0.01)
+    with pytest.raises(exc, match=message):
+        contractive_penalty(args["x"], args["weights"], args["biases"], args["activations"],
+                            negative_slope=slope)
+
+
+def test_bad_backend_raises():
+    x, ws, bs, acts = _ok()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        contractive_penalty(x, ws, bs, acts, backend="cuda")
+    with pytest.raises(TypeError, match="use backend='torch' for float64"):
+        contractive_penalty(x.double(), [w.double() for w in ws], bs, acts, backend="triton")
+
+
+# --- aecore.losses.contractive -------------------------------------------------------------------
+
+def _plain_from(encoder: Encoder):
+    """The aecore Encoder's layers as a plain per-sample function of float64 copies."""
+    layers = list(encoder.layers)
+    return _encoder_fn([lay.weight.detach().double() for lay in layers],
+                       [lay.bias.detach().double() for lay in layers],
+                       [lay.activation for lay in layers], 0.01)
+
+
+def test_exact_contractive_walks_the_encoder():
+    torch.manual_seed(0)
+    enc = Encoder(9, [7, 5], 3, activation="tanh", latent_activation="sigmoid")
+    x = torch.randn(4, 9)
+    P = contractive(enc, x)
+    J = torch.func.vmap(torch.func.jacrev(_plain_from(enc)))(x.double())
+    assert_close(P, J.pow(2).sum((1, 2)), torch.float32, k=4 * 24, scale=float(P.abs().max()))
+    P.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
+def test_exact_contractive_rejects_other_encoders():
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    with pytest.raises(ValueError, match=r"method='exact' needs an aecore.autoencoder.Encoder.*"
+                                         r"got Sequential; use method='hutchinson'"):
+        contractive(seq, torch.randn(2, 4))
+    enc = Encoder(4, [3], 2, activation="leaky_relu", latent_activation="leaky_relu")
+    enc.layers[1].negative_slope = 0.3
+    with pytest.raises(ValueError, match="one negative_slope across"):
+        contractive(enc, torch.randn(2, 4))
+    enc.layers[1].negative_slope = 0.01
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 4\) for this encoder"):
+        contractive(enc, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="method must be one of"):
+        contractive(enc, torch.randn(2, 4), method="sampled")
+    with pytest.raises(ValueError, match="probes must be a positive int, got 0"):
+        contractive(seq, torch.randn(2, 4), method="hutchinson", probes=0)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        contractive(seq, torch.randn(2, 4), method="hutchinson", distribution="uniform")
+    with pytest.raises(TypeError, match="x must be a floating point tensor"):
+        contractive(seq, torch.ones(2, 4, dtype=torch.int32), method="hutchinson")
+
+
+class _ConvEncoder(torch.nn.Module):
+    """A small conv encoder: (B, 1, 6, 6) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1, dtype=torch.float64)
+        self.fc = torch.nn.Linear(2 * 3 * 3, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.tanh(self.conv(x)), 2)
+        return self.fc(h.flatten(-3))
+
+
+def _exact_and_variance(f, x):
+    """(||J||_F^2, variance of one Rademacher probe, of one Gaussian probe) per sample."""
+    J = torch.func.vmap(torch.func.jacrev(f))(x)
+    B = x.shape[0]
+    J = J.reshape(B, -1, x[0].numel())
+    M = J.transpose(1, 2) @ J                                  # (B, d, d) = J^T J
+    fro2 = M.pow(2).sum((1, 2))
+    diag2 = torch.diagonal(M, dim1=1, dim2=2).pow(2).sum(1)
+    return J.pow(2).sum((1, 2)), 2 * (fro2 - diag2), 2 * fro2
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_hutchinson_converges_to_exact(kind, distribution):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        enc = torch.nn.Sequential(torch.nn.Linear(6, 5, dtype=torch.float64), torch.nn.Tanh(),
+                                  torch.nn.Linear(5, 3, dtype=torch.float64))
+        x = torch.randn(4, 6, dtype=torch.float64)
+    else:
+        enc = _ConvEncoder()
+        x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    probes = 4000
+    g = torch.Generator().manual_seed(1234)
+    est = contractive(enc, x, method="hutchinson", probes=probes, generator=g,
+                      distribution=distribution)
+    with torch.no_grad():
+        exact, var_rad, var_gauss = _exact_and_variance(enc, x)
+    var = var_rad if distribution == "rademacher" else var_gauss
+    # The mean of `probes` i.i.d. estimates has standard deviation sqrt(var / probes); with a
+    # fixed seed, |error| < 4 sd per sample (a 6e-5 chance each under normality).
+    sd = (var / probes).sqrt()
+    z = (est.detach() - exact) / sd
+    print(f"{kind}/{distribution}: exact {exact.tolist()}, z-scores {z.tolist()}")
+    assert torch.all(sd > 0)
+    assert torch.all(z.abs() < 4), z
+    # Same seed, same probes: reproducible.
+    again = contractive(enc, x, method="hutchinson", probes=probes,
+                        generator=torch.Generator().manual_seed(1234), distribution=distribution)
+    assert torch.equal(est, again)
+
+
+def test_hutchinson_is_differentiable_with_the_probes_it_draws():
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 5, dtype=torch.float64), torch.nn.Softplus(),
+                              torch.nn.Linear(5, 3, dtype=torch.float64))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    est = contractive(enc, x, method="hutchinson", probes=3,
+                      generator=torch.Generator().manual_seed(7))
+    params = [x, *enc.parameters()]
+    grads = torch.autograd.grad(est.sum(), params, allow_unused=True, materialize_grads=True)
+    # The same Rademacher probes (same generator and draw) applied to the jacrev Jacobian.
+    v = torch.randint(0, 2, (12, 6), generator=torch.Generator().manual_seed(7)).double() * 2 - 1
+    x2 = x.detach().requires_grad_()
+    J = torch.func.vmap(torch.func.jacrev(enc))(x2)                   # (4, 3, 6)
+    jv = torch.einsum("bod,pbd->pbo", J, v.view(3, 4, 6))
+    ref = jv.pow(2).sum(-1).mean(0)
+    assert_close(est, ref, torch.float64, k=30, scale=float(ref.abs().max()))
+    ref_grads = torch.autograd.grad(ref.sum(), [x2, *enc.parameters()], allow_unused=True,
+                                    materialize_grads=True)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, torch.float64, k=30, scale=float(e.abs().max()))
+
+
+# --- contractive autoencoder ---------------------------------------------------------------------
+
+def test_cae_registered_configurable_and_loss_terms():
+    assert MODELS["cae"] is ContractiveAutoEncoder
+    m = ContractiveAutoEncoder(10, [6], 3, lam=0.5, activation="tanh")
+    assert m.config()["lam"] == 0.5 and m.lam == 0.5
+    assert ContractiveAutoEncoder(10).lam == DEFAULT_LAM
+    again = ContractiveAutoEncoder(**m.config())
+    assert again.config() == m.config()
+    x = torch.rand(4, 10)
+    out = m.loss(x)
+    assert set(out) == {"loss", "mse", "contractive"}
+    expected_pen = contractive(m.encoder, x).mean()
+    torch.testing.assert_close(out["contractive"], expected_pen)
+    torch.testing.assert_close(out["loss"], out["mse"] + 0.5 * expected_pen)
+    target = torch.rand(4, 10)
+    torch.testing.assert_close(m.loss(x, target=target)["mse"], (m(x) - target).pow(2).mean())
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0, got -1"):
+        ContractiveAutoEncoder(10, lam=-1)
+
+
+def _train(model, X, steps=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, X.shape[0], (128,), generator=g)
+        loss = model.loss(X[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def _code_motion(model, X, eps=0.05):
+    """(mean ||f(x + n) - f(x)||, the same relative to the codes' spread) for n ~ N(0, eps^2)."""
+    noise = torch.randn(X.shape, generator=torch.Generator().manual_seed(1)) * eps
+    with torch.no_grad():
+        z = model.encode(X)
+        moved = (model.encode(X + noise) - z).norm(dim=1).mean()
+        spread = (z - z.mean(0)).norm(dim=1).mean()
+    return float(moved), float(moved / spread)
+
+
+def test_cae_on_digits_lowers_both_terms_and_contracts_codes():
+    X = torch.tensor(load_digits().data, dtype=torch.float32) / 16
+    kw = {"input_dim": 64, "hidden_dims": [32], "latent_dim": 8, "output_activation": "sigmoid"}
+    torch.manual_seed(0)
+    ae = AutoEncoder(**kw)
+    torch.manual_seed(0)
+    cae = ContractiveAutoEncoder(**kw, lam=1e-2)   # same initial weights as ae
+    torch.manual_seed(0)
+    cae_default = ContractiveAutoEncoder(**kw)     # lam = DEFAULT_LAM
+    with torch.no_grad():
+        before = cae.loss(X)
+    for model in (ae, cae, cae_default):
+        _train(model, X)
+    with torch.no_grad():
+        after = cae.loss(X)
+        ae_pen = contractive(ae.encoder, X).mean()
+        default_pen = contractive(cae_default.encoder, X).mean()
+    print(f"cae (lam 1e-2) mse {before['mse']:.4f} -> {after['mse']:.4f}, contractive "
+          f"{before['contractive']:.4f} -> {after['contractive']:.4f}; contractive of ae "
+          f"{ae_pen:.4f}, of cae (default lam) {default_pen:.4f}")
+    assert after["mse"] < 0.5 * before["mse"]
+    assert after["contractive"] < before["contractive"]
+    # Unpenalised, the encoder's Jacobian grows as it learns; the default weight holds it down.
+    assert default_pen < 0.1 * ae_pen
+    ae_abs, ae_rel = _code_motion(ae, X)
+    for name, model in (("lam 1e-2", cae), ("default lam", cae_default)):
+        cae_abs, cae_rel = _code_motion(model, X)
+        print(f"code motion cae ({name}) / ae: absolute {cae_abs / ae_abs:.3f}, relative to "
+              f"the code spread {cae_rel / ae_rel:.3f}")
+        assert cae_abs / ae_abs < 1
+        # Also once the code's scale is factored out (a mere shrinking could be undone by
+        # the decoder).
+        assert cae_rel / ae_rel < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_processed_in_chunks(backend, monkeypatch):
+    # Chunks of 2 samples (5 = 2 + 2 + 1): chain products and their gradients per chunk.
+    import aecore.kernels.contractive as op
+
+    monkeypatch.setattr(op, "_chunk", lambda batch, r, widths, device: 2)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    _compare(17, [5, 3, 2], ["softplus", "tanh", "identity"], backend, dtype)
+    _compare(3, [17, 3], ["gelu", "leaky_relu"], backend, dtype)
