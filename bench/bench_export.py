@@ -1,0 +1,50 @@
+"""Deployment latency: torch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (dynamic), for the
+784-512-128-32 autoencoder at batch 1 and 256, interleaved in one process."""
+
+import numpy as np
+import pytest
+import torch
+
+from aecore.autoencoder import AutoEncoder
+from aecore.export import Model, quantize, to_onnx
+from bench.harness import interleaved, quick, record, rounds_for
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-bench")
+    torch.manual_seed(0)
+    model = AutoEncoder(784, [512, 128], 32, output_activation="sigmoid").eval()
+    fp32 = to_onnx(model, root / "fp32.onnx")
+    calib = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    report = quantize(fp32, root / "int8.onnx", mode="dynamic", inputs=calib)
+    # One intra-op thread each, so that no engine gets more cores than another.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model, Model(fp32, threads=1), Model(root / "int8.onnx", threads=1), report
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+def bench_ort_vs_eager(benchmark, models, batch):
+    model, fp32, int8, report = models
+    x = np.random.default_rng(1).random((batch, 784), dtype=np.float32)
+    xt = torch.from_numpy(x)
+
+    def eager():
+        with torch.inference_mode():
+            return model(xt)
+
+    fns = {"eager": eager, "ort_fp32": lambda: fp32.run(x), "ort_int8": lambda: int8.run(x)}
+    stats = interleaved(fns, rounds=rounds_for(benchmark, 30 if quick() else 200))
+    info = record(benchmark, kernel="onnx_runtime", case=f"784-512-128-32 batch {batch}",
+                  mode="inference", stats=stats, size=batch * 784)
+    fp32_vs_eager = stats["ort_fp32"]["median"] / stats["eager"]["median"]
+    int8_throughput_vs_fp32 = stats["ort_fp32"]["median"] / stats["ort_int8"]["median"]
+    info.update({"ort_fp32_latency_over_eager": fp32_vs_eager,
+                 "int8_throughput_over_fp32": int8_throughput_vs_fp32,
+                 "int8_size_over_fp32": report["size_ratio"]})
+    benchmark.extra_info.update(info)
+    print(f"batch {batch}: ORT fp32 / eager latency {fp32_vs_eager:.2f}, int8 throughput / fp32 "
+          f"{int8_throughput_vs_fp32:.2f}, int8 file / fp32 {report['size_ratio']:.2f}")
+    benchmark.pedantic(fns["ort_int8"], rounds=rounds_for(benchmark, 20), iterations=1)

@@ -1,0 +1,106 @@
+// Run an exported aecore model with ONNX Runtime's C++ API.
+//
+//   aecore_infer MODEL.onnx INPUT.npy OUT_PREFIX [LABELS.npy]
+//
+// INPUT.npy holds float32 model inputs (B, ...), already normalised (the model's metadata
+// "normalization" says how). Each output is written to OUT_PREFIX.<output name>.npy, and the
+// model's metadata is printed.
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdint>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "npy.h"
+
+int main(int argc, char** argv) {
+  if (argc < 4 || argc > 5) {
+    std::cerr << "usage: " << argv[0] << " MODEL.onnx INPUT.npy OUT_PREFIX [LABELS.npy]\n";
+    return 2;
+  }
+  try {
+    Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "aecore");
+    Ort::SessionOptions options;
+    options.SetIntraOpNumThreads(1);
+    Ort::Session session(env, argv[1], options);
+    Ort::AllocatorWithDefaultOptions alloc;
+
+    Ort::ModelMetadata meta = session.GetModelMetadata();
+    for (auto& key : meta.GetCustomMetadataMapKeysAllocated(alloc)) {
+      auto value = meta.LookupCustomMetadataMapAllocated(key.get(), alloc);
+      std::cout << key.get() << " = " << value.get() << "\n";
+    }
+
+    npy::Array x = npy::load_float32(argv[2]);
+    size_t n_inputs = session.GetInputCount();
+    if (n_inputs != static_cast<size_t>(argc - 3)) {
+      std::cerr << "error: the model takes " << n_inputs << " input(s)\n";
+      return 2;
+    }
+    auto expected = session.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
+    if (expected.size() != x.shape.size()) {
+      std::cerr << "error: input must have rank " << expected.size() << ", got "
+                << x.shape.size() << "\n";
+      return 2;
+    }
+    for (size_t i = 1; i < expected.size(); ++i) {
+      if (expected[i] > 0 && expected[i] != x.shape[i]) {
+        std::cerr << "error: input dimension " << i << " must be " << expected[i] << ", got "
+                  << x.shape[i] << "\n";
+        return 2;
+      }
+    }
+
+    Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<Ort::Value> inputs;
+    inputs.push_back(Ort::Value::CreateTensor<float>(mem, x.data.data(), x.data.size(),
+                                                     x.shape.data(), x.shape.size()));
+    std::vector<int64_t> labels;
+    std::vector<int64_t> label_shape;
+    if (argc == 5) {
+      npy::Array y = npy::load_float32(argv[4]);
+      labels.assign(y.data.begin(), y.data.end());
+      label_shape = y.shape;
+      inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, labels.data(), labels.size(),
+                                                         label_shape.data(), label_shape.size()));
+    }
+
+    std::vector<std::string> in_names, out_names;
+    for (size_t i = 0; i < n_inputs; ++i)
+      in_names.push_back(session.GetInputNameAllocated(i, alloc).get());
+    for (size_t i = 0; i < session.GetOutputCount(); ++i)
+      out_names.push_back(session.GetOutputNameAllocated(i, alloc).get());
+    std::vector<const char*> in_c, out_c;
+    for (auto& s : in_names) in_c.push_back(s.c_str());
+    for (auto& s : out_names) out_c.push_back(s.c_str());
+
+    auto outputs = session.Run(Ort::RunOptions{nullptr}, in_c.data(), inputs.data(),
+                               inputs.size(), out_c.data(), out_c.size());
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      auto info = outputs[i].GetTensorTypeAndShapeInfo();
+      auto shape = info.GetShape();
+      size_t count = info.GetElementCount();
+      std::string path = std::string(argv[3]) + "." + out_names[i] + ".npy";
+      switch (info.GetElementType()) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+          npy::save(path, "<f4", shape, outputs[i].GetTensorData<float>(), count * 4);
+          break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+          npy::save(path, "<i8", shape, outputs[i].GetTensorData<int64_t>(), count * 8);
+          break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+          npy::save(path, "|b1", shape, outputs[i].GetTensorData<bool>(), count);
+          break;
+        default:
+          std::cerr << "error: output " << out_names[i] << " has an unsupported type\n";
+          return 1;
+      }
+      std::cout << "wrote " << path << "\n";
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

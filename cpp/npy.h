@@ -1,0 +1,22 @@
+// Minimal .npy reading (float32, C order) and writing (float32, int64, bool).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace npy {
+
+struct Array {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+
+// Throws std::runtime_error naming the file and what is wrong.
+Array load_float32(const std::string& path);
+
+// dtype is a numpy descr: "<f4", "<i8" or "|b1"; bytes holds the raw little-endian values.
+void save(const std::string& path, const std::string& dtype, const std::vector<int64_t>& shape,
+          const void* bytes, size_t nbytes);
+
+}  // namespace npy

@@ -1,0 +1,226 @@
+"""Export aecore models to one self-contained, verified ONNX file.
+
+Parts: ``autoencoder`` (x -> reconstruction), ``encoder`` (x -> code; mu and logvar for VAEs),
+``decoder`` (code -> reconstruction), ``generator`` (noise -> sample, for models with a prior;
+the noise is an input so results are reproducible) and ``scorer`` (x -> per-sample
+reconstruction error and an is-anomaly flag against a threshold). Conditional models take
+int64 labels as a second input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from aecore.io import write_bytes
+
+PARTS = ("autoencoder", "encoder", "decoder", "generator", "scorer")
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class VerificationError(ValueError):
+    """The exported graph disagrees with torch; no file was written."""
+
+
+def _conditional(model) -> bool:
+    return bool(getattr(model, "num_classes", None)) and getattr(model, "family", "") == "cvae"
+
+
+def _has_prior(model) -> bool:
+    return callable(getattr(model, "sample", None)) and getattr(model, "family", "") in (
+        "vae", "cvae")
+
+
+class _Part(nn.Module):
+    """One exportable view of a model; ``forward`` takes (x[, y]) tensors."""
+
+    def __init__(self, model, part: str, threshold: float | None):
+        super().__init__()
+        self.model, self.part, self.threshold = model, part, threshold
+        self.cond = _conditional(model)
+
+    def forward(self, x, y=None):
+        m, extra = self.model, ((y,) if self.cond else ())
+        if self.part == "autoencoder":
+            return m(x, *extra)
+        if self.part == "encoder":
+            return m.encode(x, *extra)
+        if self.part in ("decoder", "generator"):
+            return m.decode(x, *extra)
+        err = m.reconstruction_error(x, *extra)
+        return err, err > self.threshold
+
+
+def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
+    first = {"autoencoder": "x", "encoder": "x", "scorer": "x", "decoder": "z",
+             "generator": "noise"}[part]
+    inputs = [first, "labels"] if _conditional(model) else [first]
+    if part == "scorer":
+        outputs = ["score", "is_anomaly"]
+    elif part == "encoder" and n_outputs == 2:
+        outputs = ["mu", "logvar"]
+    elif part == "encoder":
+        outputs = ["z"]
+    else:
+        outputs = ["reconstruction" if part != "generator" else "sample"]
+    return inputs, outputs[:n_outputs] + [f"output{i}" for i in range(len(outputs), n_outputs)]
+
+
+def _examples(model, part: str, batch: int, generator: torch.Generator) -> tuple:
+    """Inputs for ``part`` at batch size ``batch``: (x[, labels])."""
+    x = torch.rand(batch, *model.input_shape, generator=generator)
+    labels = (torch.randint(0, model.num_classes, (batch,), generator=generator)
+              if _conditional(model) else None)
+    if part in ("decoder", "generator"):
+        with torch.no_grad():
+            code = model.encode(x, labels) if labels is not None else model.encode(x)
+        code = code[0] if isinstance(code, tuple) else code
+        x = (torch.randn(code.shape, generator=generator) if part == "generator"
+             else code.contiguous())
+    return (x,) if labels is None else (x, labels)
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _check_standard(proto: onnx.ModelProto) -> None:
+    nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
+    custom = sorted({n.domain for n in nodes if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise VerificationError(f"the graph uses non-standard op domains {custom}")
+
+
+def _metadata(model, part: str, threshold: float | None, inputs, outputs) -> dict[str, str]:
+    import aecore
+
+    norm = getattr(model, "normalization", None)
+    meta = {
+        "aecore_version": aecore.__version__,
+        "family": model.family,
+        "part": part,
+        "input_shape": json.dumps(list(model.input_shape)),
+        "latent_dim": json.dumps(int(model.latent_dim)),
+        "normalization": json.dumps(None if norm is None else norm.to_dict()),
+        "inputs": json.dumps(inputs),
+        "outputs": json.dumps(outputs),
+    }
+    if _conditional(model):
+        meta["num_classes"] = json.dumps(int(model.num_classes))
+    if threshold is not None:
+        meta["threshold"] = json.dumps(float(threshold))
+    return meta
+
+
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Merge ``props`` into the model's metadata_props (set_model_props would replace all)."""
+    merged = {p.key: p.value for p in proto.metadata_props}
+    merged.update(props)
+    onnx.helper.set_model_props(proto, merged)
+
+
+def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names: list[str],
+           rtol: float = 1e-4, atol: float = 1e-5) -> dict[str, float]:
+    """Compare ONNX Runtime and onnx.reference with torch on each feed; raise on mismatch.
+
+    Returns the max abs error per output. Boolean outputs must agree except where the score
+    sits within tolerance of the threshold.
+    """
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ReferenceEvaluator(proto)
+    worst: dict[str, float] = {}
+    bad = []
+    for feed in feeds:
+        with torch.no_grad():
+            want = [t.numpy() for t in _as_tuple(wrapper(*feed))]
+        arrays = {n: t.numpy() for n, t in zip(names, feed)}
+        for engine, got in (("onnxruntime", session.run(None, arrays)),
+                            ("onnx.reference", reference.run(None, arrays))):
+            for i, (g, w) in enumerate(zip(got, want)):
+                key = f"{engine}:output{i}"
+                if w.dtype == np.bool_:
+                    mismatch = int(np.sum(g != w))
+                    worst[key] = max(worst.get(key, 0.0), float(mismatch))
+                    if mismatch:
+                        score = want[0]
+                        near = np.abs(score - wrapper.threshold) <= atol + rtol * np.abs(score)
+                        if np.any((g != w) & ~near):
+                            bad.append(f"{key} flags differ in {mismatch} samples")
+                    continue
+                if g.shape != w.shape:
+                    bad.append(f"{key} shape {g.shape} != torch's {w.shape}")
+                    continue
+                err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+                worst[key] = max(worst.get(key, 0.0), err)
+                if not np.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max()))):
+                    bad.append(f"{key} at batch {len(feed[0])}: max abs error {err:.3g}")
+    if bad:
+        raise VerificationError("ONNX outputs disagree with torch: " + "; ".join(bad)
+                                + f" (max abs error per output: {worst})")
+    return worst
+
+
+def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset: int = 20,
+            verify: bool = True, threshold: float | None = None,
+            check_batches: tuple[int, int] = (3, 5)) -> Path:
+    """Export ``part`` of ``model`` to ``path`` (one file, dynamic batch, standard ops only).
+
+    With ``verify`` the graph runs in ONNX Runtime and onnx.reference at the two batch sizes of
+    ``check_batches`` and must match torch, before anything is written. The write is atomic.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    for attr in ("family", "input_shape", "latent_dim", "encode", "decode"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be an aecore model (missing {attr!r}), "
+                            f"got {type(model).__name__}")
+    if part == "generator" and not _has_prior(model):
+        raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
+                         f"{model.family!r} has none: export its 'decoder' instead")
+    if part == "scorer":
+        threshold = threshold if threshold is not None else getattr(model, "threshold", None)
+        if threshold is None:
+            raise ValueError("part='scorer' needs a threshold: pass threshold=... or set "
+                             "model.threshold (e.g. a high quantile of training errors)")
+    model = model.eval().cpu()
+    wrapper = _Part(model, part, threshold).eval()
+    gen = torch.Generator().manual_seed(0)
+    example = _examples(model, part, 2, gen)  # batch >= 2: 0 and 1 get specialised
+    with torch.no_grad():
+        n_out = len(_as_tuple(wrapper(*example)))
+    inputs, outputs = _io_names(model, part, n_out)
+    batch = torch.export.Dim("batch")
+    dynamic = {"x": {0: batch}, "y": {0: batch}} if len(example) == 2 else {"x": {0: batch}}
+    # The exporter logs each missing optional op library (torchvision) at warning level.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
+                                    dynamic_shapes=dynamic, input_names=inputs,
+                                    output_names=outputs, verbose=False)
+    proto = program.model_proto
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    _check_standard(proto)
+    set_metadata(proto, _metadata(model, part, threshold if part == "scorer" else None,
+                                  inputs, outputs))
+    onnx.checker.check_model(proto)
+    if verify:
+        feeds = [_examples(model, part, b, gen) for b in check_batches]
+        verify_fn = globals()["verify"]
+        verify_fn(proto, wrapper, feeds, inputs)
+    buf = io.BytesIO()
+    onnx.save_model(proto, buf)
+    return write_bytes(path, buf.getvalue())

@@ -1,0 +1,114 @@
+"""Run exported aecore models in ONNX Runtime with numpy alone: nothing here imports torch.
+
+>>> m = Model("model.onnx")
+>>> recon = m.run(x)                 # first output, numpy
+>>> outs = m.run_all(x)              # {"score": ..., "is_anomaly": ...} for a scorer
+>>> m.metadata["normalization"]      # what the model expects its inputs to be scaled by
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
+             "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _parse(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, then the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class Model:
+    """An exported model in an ONNX Runtime session.
+
+    ``run(x, *extra)`` returns the first output; ``run_all`` a dict of every output. Inputs of any
+    batch size are accepted; batches above ``max_batch`` run in chunks. Calls are safe from
+    several threads at once (the session is, and this class keeps no per-call state).
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
+                 threads: int | None = None, max_batch: int = 8192):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no ONNX model at {str(path)!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options,
+                                            providers=providers or default_providers())
+        self.max_batch = max_batch
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, Any] = {k: _parse(v) for k, v in meta.items()}
+        self.inputs = self.session.get_inputs()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _check(self, arrays: tuple) -> list[np.ndarray]:
+        if len(arrays) != len(self.inputs):
+            names = ", ".join(i.name for i in self.inputs)
+            raise ValueError(f"the model takes {len(self.inputs)} input(s) ({names}), "
+                             f"got {len(arrays)}")
+        out = []
+        for a, spec in zip(arrays, self.inputs):
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            want = _NP_TYPES.get(spec.type)
+            if want is None:
+                raise TypeError(f"input {spec.name!r} has unsupported type {spec.type}")
+            kind_ok = (np.issubdtype(a.dtype, np.floating) if np.issubdtype(want, np.floating)
+                       else np.issubdtype(a.dtype, np.integer))
+            if not kind_ok:
+                raise TypeError(f"input {spec.name!r} must be a {np.dtype(want).name} array, "
+                                f"got dtype {a.dtype}")
+            if a.ndim != len(spec.shape):
+                raise ValueError(f"input {spec.name!r} must have rank {len(spec.shape)} "
+                                 f"(shape {_show(spec.shape)}), got shape {a.shape}")
+            for axis, (got, exp) in enumerate(zip(a.shape, spec.shape)):
+                if isinstance(exp, int) and got != exp:
+                    raise ValueError(f"input {spec.name!r} must have shape {_show(spec.shape)}, "
+                                     f"got {a.shape} (axis {axis})")
+            if a.shape[0] == 0:
+                raise ValueError(f"input {spec.name!r} is an empty batch")
+            if out and a.shape[0] != out[0].shape[0]:
+                raise ValueError(f"input {spec.name!r} has batch {a.shape[0]}, but "
+                                 f"{self.inputs[0].name!r} has {out[0].shape[0]}")
+            a = np.ascontiguousarray(a, dtype=want)
+            if np.issubdtype(want, np.floating) and not np.all(np.isfinite(a)):
+                raise ValueError(f"input {spec.name!r} contains NaN or Inf")
+            out.append(a)
+        return out
+
+    def run_all(self, x, *extra) -> dict[str, np.ndarray]:
+        """Every output for inputs (x, *extra) (B, ...) as {name: array (B, ...)}."""
+        arrays = self._check((x, *extra))
+        n = arrays[0].shape[0]
+        chunks = []
+        for i in range(0, n, self.max_batch):
+            feed = {spec.name: a[i:i + self.max_batch] for spec, a in zip(self.inputs, arrays)}
+            chunks.append(self.session.run(self.output_names, feed))
+        return {name: np.concatenate([c[j] for c in chunks]) if len(chunks) > 1 else chunks[0][j]
+                for j, name in enumerate(self.output_names)}
+
+    def run(self, x, *extra) -> np.ndarray:
+        """The first output for inputs (x, *extra)."""
+        return self.run_all(x, *extra)[self.output_names[0]]
+
+
+def _show(shape) -> str:
+    return "(" + ", ".join(str(s) if isinstance(s, int) else "batch" for s in shape) + ")"

@@ -1,0 +1,287 @@
+"""ONNX export of every family and part, verified in ONNX Runtime and onnx.reference."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from aecore import families
+from aecore.data import load_digits
+from aecore.export import Model, VerificationError, quantize, to_onnx
+from aecore.normalization import Normalization
+
+
+def _small(name):
+    """A small model of each family (random weights: parity does not need training)."""
+    digits = load_digits()
+    sizes = families.Sizes(hidden=[24], latent=6, channels=[4, 8])
+    torch.manual_seed(0)
+    return families.build(name, digits, sizes)
+
+
+FAMILIES = [f for f in ("ae", "tied-ae", "cae", "conv-ae", "sparse-ae", "vae", "cvae", "vq-vae")
+            if f in families.BUILDERS]
+
+
+def _parts(model):
+    parts = ["autoencoder", "encoder", "decoder", "scorer"]
+    if model.family in ("vae", "cvae"):
+        parts.append("generator")
+    return parts
+
+
+def _inputs(model, part, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *model.input_shape, generator=g)
+    cond = model.family == "cvae"
+    y = torch.randint(0, getattr(model, "num_classes", 1), (batch,), generator=g)
+    if part in ("decoder", "generator"):
+        with torch.no_grad():
+            code = model.encode(x, y) if cond else model.encode(x)
+        code = code[0] if isinstance(code, tuple) else code
+        x = torch.randn(code.shape, generator=g) if part == "generator" else code
+    return (x, y) if cond else (x,)
+
+
+def _torch_outputs(model, part, inputs, threshold):
+    with torch.no_grad():
+        if part == "autoencoder":
+            out = model(*inputs)
+        elif part == "encoder":
+            out = model.encode(*inputs)
+        elif part in ("decoder", "generator"):
+            out = model.decode(*inputs)
+        else:
+            err = model.reconstruction_error(*inputs)
+            out = (err, err > threshold)
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.numpy() for o in out]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name in FAMILIES:
+        model = _small(name).eval()
+        for part in _parts(model):
+            path = root / f"{name}-{part}.onnx"
+            to_onnx(model, path, part=part, threshold=0.05)
+            out[name, part] = (model, path)
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_part_matches_torch_in_ort_and_reference(exported, name):
+    for (fam, part), (model, path) in exported.items():
+        if fam != name:
+            continue
+        proto = onnx.load(str(path))
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, (name, part)
+        assert not proto.functions
+        runtime = Model(path)
+        reference = ReferenceEvaluator(proto)
+        names = [i.name for i in proto.graph.input]
+        for batch in (1, 3, 257):
+            inputs = _inputs(model, part, batch)
+            want = _torch_outputs(model, part, inputs, 0.05)
+            arrays = [t.numpy() for t in inputs]
+            got_ort = list(runtime.run_all(*arrays).values())
+            got_ref = reference.run(None, dict(zip(names, arrays)))
+            for got in (got_ort, got_ref):
+                assert len(got) == len(want)
+                for g, w in zip(got, want):
+                    assert g.shape == w.shape, (name, part, batch)
+                    if w.dtype == np.bool_:
+                        assert np.array_equal(g, w), (name, part, batch)
+                    else:
+                        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5,
+                                                   err_msg=f"{name} {part} batch {batch}")
+
+
+def test_metadata_round_trips(exported):
+    model, path = exported["ae", "scorer"]
+    meta = Model(path).metadata
+    assert meta["family"] == "ae" and meta["part"] == "scorer"
+    assert meta["input_shape"] == [64] and meta["latent_dim"] == 6
+    assert meta["normalization"] == {"mean": 0.0, "std": 16.0}
+    assert meta["threshold"] == 0.05
+    assert meta["aecore_version"] == __import__("aecore").__version__
+    assert "threshold" not in Model(exported["ae", "encoder"][1]).metadata
+
+
+def test_failed_verification_leaves_no_file(tmp_path):
+    from aecore.autoencoder import AutoEncoder
+
+    class Diverging(AutoEncoder):
+        """Its exported math differs from its eager math, as a wrong reference path would."""
+
+        def forward(self, x):
+            out = super().forward(x)
+            return out * 2 if torch.onnx.is_in_onnx_export() else out
+
+    model = Diverging(8, [6], 2)
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(VerificationError, match=r"max abs error"):
+        to_onnx(model, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(tmp_path):
+    model = _small("ae")
+    with pytest.raises(ValueError, match="part must be one of"):
+        to_onnx(model, tmp_path / "m.onnx", part="everything")
+    with pytest.raises(ValueError, match="needs a threshold"):
+        to_onnx(model, tmp_path / "m.onnx", part="scorer")
+    with pytest.raises(ValueError, match="needs a model with a prior"):
+        to_onnx(model, tmp_path / "m.onnx", part="generator")
+    with pytest.raises(TypeError, match="must be an aecore model"):
+        to_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
+
+
+def test_runtime_input_errors(exported):
+    runtime = Model(exported["ae", "autoencoder"][1])
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"input 'x' must have rank 2"):
+        runtime.run(x[0])
+    with pytest.raises(ValueError, match=r"input 'x' must have shape \(batch, 64\)"):
+        runtime.run(x[:, :10])
+    with pytest.raises(TypeError, match="input 'x' must be a float32 array"):
+        runtime.run(x.astype(np.int32))
+    bad = x.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        runtime.run(bad)
+    with pytest.raises(ValueError, match="takes 1 input"):
+        runtime.run(x, x)
+    with pytest.raises(ValueError, match="empty batch"):
+        runtime.run(x[:0])
+    np.testing.assert_array_equal(runtime.run(x.astype(np.float64)), runtime.run(x))
+
+
+def test_runtime_chunks_large_batches(exported):
+    path = exported["ae", "autoencoder"][1]
+    x = np.random.default_rng(1).random((257, 64), dtype=np.float32)
+    np.testing.assert_array_equal(Model(path, max_batch=50).run(x), Model(path).run(x))
+
+
+def test_runtime_is_thread_safe(exported):
+    runtime = Model(exported["ae", "scorer"][1], threads=1)
+    rng = np.random.default_rng(2)
+    batches = [rng.random((int(rng.integers(1, 40)), 64), dtype=np.float32) for _ in range(50)]
+    serial = [runtime.run_all(b) for b in batches]
+    results: dict[tuple[int, int], dict] = {}
+
+    def work(t):
+        for i, b in enumerate(batches):
+            results[t, i] = runtime.run_all(b)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(results) == 8 * 50
+    for (_, i), out in results.items():
+        for k in serial[i]:
+            np.testing.assert_array_equal(out[k], serial[i][k])
+
+
+def test_runtime_imports_and_runs_without_torch(exported, tmp_path):
+    path = exported["ae", "autoencoder"][1]
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+import numpy as np
+from aecore.export.runtime import Model
+m = Model({str(path)!r})
+out = m.run(np.zeros((3, 64), np.float32))
+assert out.shape == (3, 64), out.shape
+assert sys.modules["torch"] is None
+try:
+    import torch
+except ImportError:
+    print("torch blocked; runtime ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "runtime ok" in proc.stdout
+
+
+def _fashion_or_digits():
+    from aecore import data as datasets
+
+    if datasets.find_fashion_mnist() is not None:
+        d = datasets.load_fashion_mnist().subset(12000, 2000)
+        return d, [512, 128], 32
+    return datasets.load_digits(), [48, 24], 8
+
+
+def test_int8_reconstruction_mse_within_3_percent(tmp_path):
+    from aecore.autoencoder import AutoEncoder
+    from aecore.train import Trainer
+
+    data, hidden, latent = _fashion_or_digits()
+    torch.manual_seed(0)
+    model = AutoEncoder(data.input_dim, hidden, latent, output_activation="sigmoid")
+    Trainer(model, lr=2e-3, batch_size=256, epochs=2, progress=False).fit(data.inputs("train"))
+    fp32 = to_onnx(model, tmp_path / "fp32.onnx")
+    x = data.inputs("test")
+    report = quantize(fp32, tmp_path / "int8.onnx", mode="dynamic", inputs=x[:256])
+    assert report["dst_bytes"] < 0.3 * report["src_bytes"]
+    mse32 = np.mean((Model(fp32).run(x) - x) ** 2)
+    mse8 = np.mean((Model(tmp_path / "int8.onnx").run(x) - x) ** 2)
+    print(f"{data.name}: recon MSE fp32 {mse32:.5f}, int8 {mse8:.5f} "
+          f"({100 * (mse8 / mse32 - 1):+.2f}%), size {report['size_ratio']:.2f}")
+    assert abs(mse8 / mse32 - 1) < 0.03
+    static = quantize(fp32, tmp_path / "static.onnx", mode="static", calibration=x[:512])
+    mse_static = np.mean((Model(tmp_path / "static.onnx").run(x) - x) ** 2)
+    assert static["dst_bytes"] < 0.35 * static["src_bytes"]
+    assert mse_static < 1.1 * mse32
+    half = quantize(fp32, tmp_path / "fp16.onnx", mode="fp16", inputs=x[:64])
+    assert 0.45 < half["size_ratio"] < 0.55 and half["max_abs_error"] < 1e-2
+    assert Model(tmp_path / "int8.onnx").metadata["quantization"] == "dynamic"
+    assert Model(tmp_path / "int8.onnx").metadata["family"] == "ae"
+
+
+def test_quantize_errors(exported, tmp_path):
+    path = exported["ae", "autoencoder"][1]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        quantize(path, tmp_path / "q.onnx", mode="int4")
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize(path, tmp_path / "q.onnx", mode="static")
+    with pytest.raises(ValueError, match=r"calibration must have shape \(N, 64\)"):
+        quantize(path, tmp_path / "q.onnx", mode="static", calibration=np.zeros((4, 3)))
+
+
+def test_cli_export_and_infer(tmp_path):
+    from aecore.cli import main
+    from aecore.io import save_model
+
+    model = _small("ae")
+    model.normalization = Normalization(mean=0.0, std=16.0)
+    save_model(model, tmp_path / "m", extra={"data": "digits"})
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m"), "--part", "scorer", "--threshold", "0.1",
+                 "--out", str(onnx_path)]) == 0
+    raw = load_digits().x_test[:5].reshape(5, 64)
+    np.save(tmp_path / "in.npy", raw)
+    assert main(["infer", str(onnx_path), str(tmp_path / "in.npy"),
+                 "--out", str(tmp_path / "score.npy")]) == 0
+    score = np.load(tmp_path / "score.npy")
+    flags = np.load(tmp_path / "score.is_anomaly.npy")
+    with torch.no_grad():
+        want = model.reconstruction_error(torch.from_numpy(raw / 16.0).float()).numpy()
+    np.testing.assert_allclose(score, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(flags, want > 0.1)
+    q = tmp_path / "q.onnx"
+    assert main(["export", str(tmp_path / "m"), "--out", str(q), "--quantize", "static"]) == 0
+    assert json.loads(json.dumps(Model(q).metadata))["quantization"] == "static"
+    assert Path(q).stat().st_size < onnx_path.stat().st_size
