@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+
 from aecore.kernels._activations import act_torch
 from aecore.kernels.contractive import contractive_penalty, plan
-
 from bench.harness import device, interleaved, quick, record, rounds_for
 
 BATCH = 256

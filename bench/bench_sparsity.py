@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from aecore.kernels.sparsity import kl_sparsity, kl_sparsity_reference
 
+from aecore.kernels.sparsity import kl_sparsity, kl_sparsity_reference
 from bench.harness import device, interleaved, quick, record, rounds_for
 
 RHO = 0.05

@@ -30,6 +30,19 @@ def exporting() -> bool:
     return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
+def transformed(*tensors: torch.Tensor | None) -> bool:
+    """True when a tensor is inside a torch.func transform (vmap, jvp, jacrev) or carries a
+    forward-mode tangent: the custom ops have no rules for those, the reference math does."""
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
+
+
 def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 

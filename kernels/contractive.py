@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from aecore.kernels._activations import (
     ACTIVATIONS,
     act_grad,

@@ -23,6 +23,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from aecore.kernels._backend import exporting, interpreting, resolve
 
 # rho_hat is clamped into [EPS, 1 - EPS] so that a dead (all-zero) or saturated (all-one) unit

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aecore.kernels.sparsity import EPS, kl_sparsity, kl_sparsity_reference
 from scipy.special import rel_entr
 from sklearn.datasets import load_digits
 from tolerances import assert_close
 
 from aecore.io import load_model, save_model
+from aecore.kernels.sparsity import EPS, kl_sparsity, kl_sparsity_reference
 from aecore.sparse import SparseAutoEncoder, l1_sparsity
 
 BACKENDS = ("torch", "triton")

@@ -1,0 +1,368 @@
+"""fused_linear against a float64 autograd oracle, on both backends (Triton via the interpreter)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+from torch import nn
+
+from aecore.kernels import ACTIVATIONS
+from aecore.kernels.fused_linear import fused_linear, fused_linear_reference
+
+BACKENDS = ("torch", "triton")
+
+# The oracle's activations, written from their definitions (not through aecore's code).
+ORACLE_ACT = {
+    "identity": lambda z: z,
+    "relu": lambda z: z.clamp_min(0),
+    "leaky_relu": lambda z: torch.where(z > 0, z, 0.01 * z),
+    "sigmoid": lambda z: 1 / (1 + torch.exp(-z)),
+    "tanh": torch.tanh,
+    "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),
+    "silu": lambda z: z / (1 + torch.exp(-z)),
+    "softplus": lambda z: torch.where(z > 20, z, torch.log1p(torch.exp(z))),
+}
+
+
+def oracle(x, w, b, act, grad):
+    """float64 values and (dx, dw, db) of act(x @ w.T + b) for upstream ``grad``."""
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    bd = None if b is None else b.detach().double().requires_grad_()
+    z = xd @ wd.t() + (0 if bd is None else bd)
+    y = ORACLE_ACT[act](z)
+    y.backward(grad.double())
+    return y.detach(), xd.grad, wd.grad, None if bd is None else bd.grad
+
+
+def make(shape_x, n, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = shape_x[-1]
+    x = torch.randn(shape_x, generator=g).to(dtype).requires_grad_()
+    # Kaiming-like scale keeps z = O(1), where every activation is far from flat.
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype).requires_grad_()
+    b = (torch.randn(n, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+def check(x, w, b, act, backend, grad=None, tol_dtype=None, **kw):
+    """Run fused_linear forward + backward and compare everything with the oracle
+    (at ``tol_dtype``'s tolerance, x's dtype by default)."""
+    y = fused_linear(x, w, b, act, backend=backend, **kw)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    if grad is None:
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    y.backward(grad)
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    g2 = grad.reshape(-1, w.shape[0])
+    ey, edx, edw, edb = oracle(x2, w, b, act, g2)
+    M, K = x2.shape
+    N = w.shape[0]
+    dt = tol_dtype or x.dtype
+
+    def scale(t):
+        return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+    assert_close(y.reshape(M, N), ey, dt, k=K, scale=scale(ey))
+    assert_close(x.grad.reshape(M, K), edx, dt, k=N, scale=scale(edx))
+    assert_close(w.grad, edw, dt, k=M, scale=scale(edw))
+    if b is not None:
+        assert_close(b.grad, edb, dt, k=M, scale=scale(edb))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_matches_oracle_every_activation(act, dtype, backend):
+    x, w, b = make((37, 50), 29, dtype)
+    check(x, w, b, act, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape_x,n,bias,act", [
+    ((1, 1), 1, True, "relu"),
+    ((1, 1), 1, False, "tanh"),
+    ((2, 5, 7), 3, True, "gelu"),
+    ((2, 5, 7), 3, False, "leaky_relu"),
+    ((70, 40), 66, True, "silu"),       # a 3x3 grid of tiles, two K steps
+    ((37, 50), 29, False, "identity"),
+    ((3, 17), 5, True, "softplus"),
+])
+def test_shapes_and_no_bias(shape_x, n, bias, act, backend):
+    x, w, b = make(shape_x, n, bias=bias)
+    check(x, w, b, act, backend)
+
+
+def _leaf(t):
+    return t.detach().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
+def test_non_contiguous_inputs(act, backend):
+    g = torch.Generator().manual_seed(3)
+    # x: a transposed view; weight: every other column of a wider matrix; bias: stride 2.
+    x_base = _leaf(torch.randn(50, 37, generator=g))
+    w_base = _leaf(torch.randn(29, 100, generator=g) / 7)
+    b_base = _leaf(torch.randn(58, generator=g))
+    x, w, b = x_base.t(), w_base[:, ::2], b_base[::2]
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    y = fused_linear(x, w, b, act, backend=backend)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    ey, edx, edw, edb = oracle(x, w, b, act, grad)
+    assert_close(y, ey, k=50, scale=ey.abs().max().item())
+    assert_close(x_base.grad.t(), edx, k=29, scale=edx.abs().max().item())
+    assert_close(w_base.grad[:, ::2], edw, k=37, scale=edw.abs().max().item())
+    assert not w_base.grad[:, 1::2].any()
+    assert_close(b_base.grad[::2], edb, k=37, scale=edb.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_weight_and_permuted_3d_input(backend):
+    g = torch.Generator().manual_seed(4)
+    w_base = _leaf(torch.randn(7, 3, generator=g))        # the tied-decoder case: weight.t()
+    x_base = _leaf(torch.randn(7, 2, 5, generator=g))     # -> (2, 5, 7) that can't be viewed 2-D
+    x = x_base.permute(1, 2, 0)
+    y = fused_linear(x, w_base.t(), None, "tanh", backend=backend)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    ey, edx, edw, _ = oracle(x.reshape(10, 7), w_base.t(), None, "tanh", grad.reshape(10, 3))
+    assert_close(y.reshape(10, 3), ey, k=7)
+    assert_close(x_base.grad.permute(1, 2, 0).reshape(10, 7), edx, k=3, scale=2.0)
+    assert_close(w_base.grad.t(), edw, k=10, scale=edw.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["identity", "sigmoid"])
+def test_stride_zero_upstream_gradients(act, backend):
+    x, w, b = make((2, 5, 7), 3)
+    y = fused_linear(x, w, b, act, backend=backend)
+    y.sum().backward()  # autograd hands the op an expanded (stride-0) gradient
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ones = torch.ones(()).expand(y.shape)
+    assert ones.stride() == (0, 0, 0)
+    check(x, w, b, act, backend, grad=ones)
+    for got, t in zip(grads, (x, w, b)):
+        torch.testing.assert_close(got, t.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allow_tf32_is_accepted(backend):
+    x, w, b = make((37, 50), 29)
+    # TF32 keeps 10 mantissa bits, like fp16: judged with fp16's tolerance (where TF32 is real).
+    check(x, w, b, "gelu", backend, allow_tf32=True, tol_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradcheck_float64_torch_backend(act):
+    x, w, b = make((4, 5), 3, torch.float64, seed=7)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: fused_linear(x, w, b, act, backend="torch"), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_kinks_at_zero_follow_torch(act, backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g)
+    x[::2] = 0  # rows 0, 2, 4 have z == 0 exactly (bias is zero)
+    x = x.requires_grad_()
+    w = torch.randn(3, 4, generator=g).requires_grad_()
+    b = torch.zeros(3, requires_grad=True)
+    y = fused_linear(x, w, b, act, negative_slope=0.2, backend=backend)
+    grad = torch.randn(6, 3, generator=g)
+    y.backward(grad)
+    ref = [t.detach().requires_grad_() for t in (x, w, b)]
+    fn = torch.relu if act == "relu" else (lambda z: F.leaky_relu(z, 0.2))
+    yr = fn(F.linear(*ref))
+    yr.backward(grad)
+    assert (y[::2] == 0).all()
+    torch.testing.assert_close(y, yr)
+    for t, r in zip((x, w, b), ref):
+        torch.testing.assert_close(t.grad, r.grad)
+    expect_row = (0.0 if act == "relu" else 0.2) * grad[0] @ w.detach()
+    torch.testing.assert_close(x.grad[0], expect_row)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_nan_out(backend):
+    x, w, b = make((5, 6), 4)
+    with torch.no_grad():
+        x[2, 3] = float("nan")
+    y = fused_linear(x, w, b, "gelu", backend=backend)
+    assert y[2].isnan().all() and not y[[0, 1, 3, 4]].isnan().any()
+    y.sum().backward()
+    assert x.grad[2].isnan().all() and w.grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_zero_size_batch(act, backend):
+    x, w, b = make((0, 6), 4)
+    y = fused_linear(x, w, b, act, backend=backend)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 6)
+    assert torch.equal(w.grad, torch.zeros(4, 6)) and torch.equal(b.grad, torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_gradients(backend):
+    # Frozen weight with a trainable bias: db without dW; x without grad: no dX.
+    x, w, b = make((9, 6), 4)
+    w.requires_grad_(False)
+    y = fused_linear(x.detach(), w, b, "silu", backend=backend)
+    grad = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+    y.backward(grad)
+    _, _, _, edb = oracle(x, w, b, "silu", grad)
+    assert w.grad is None and x.grad is None
+    assert_close(b.grad, edb, k=9, scale=edb.abs().max().item())
+
+
+@pytest.mark.parametrize("act,keeps_z", [("identity", False), ("relu", False),
+                                         ("sigmoid", False), ("tanh", False), ("gelu", True),
+                                         ("softplus", True)])
+def test_pre_activation_kept_only_when_needed(act, keeps_z):
+    x, w, b = make((5, 6), 4)
+    for use_triton in (False, True):
+        _, z = torch.ops.aecore.fused_linear(x, w, b, act, 0.01, use_triton, False)
+        assert z.shape == ((5, 4) if keeps_z else (0,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_without_grad(backend, dtype):
+    x, w, b = make((6, 9), 5, dtype)
+    with torch.no_grad():
+        y = fused_linear(x, w, b, "softplus", backend=backend)
+    assert not y.requires_grad and y.dtype == dtype
+    ey = oracle(x, w, b, "softplus", torch.ones(6, 5))[0]
+    assert_close(y, ey, dtype, k=9, scale=ey.abs().max().item())
+
+
+def test_reference_matches_oracle_and_keeps_dtype():
+    x, w, b = make((7, 9), 5, torch.float16)
+    y = fused_linear_reference(x, w, b, "gelu")
+    assert y.dtype == torch.float16
+    assert_close(y, oracle(x, w, b, "gelu", torch.ones(7, 5))[0], torch.float16, k=9, scale=2.0)
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "identity"])
+def test_opcheck(act, use_triton):
+    x, w, b = make((5, 7), 3)
+    for bias in (b, None):
+        torch.library.opcheck(torch.ops.aecore.fused_linear.default,
+                              (x, w, bias, act, 0.01, use_triton, False))
+    saved = torch.randn(5, 3) if act != "identity" else torch.empty(0)
+    torch.library.opcheck(torch.ops.aecore.fused_linear_backward.default,
+                          (torch.randn(5, 3), x.detach(), w.detach(), saved, True, act, 0.01,
+                           use_triton, False, True, True))
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.l1 = nn.Linear(7, 6)
+        self.l2 = nn.Linear(6, 4)
+        self.backend = backend
+
+    def forward(self, x):
+        h = fused_linear(x, self.l1.weight, self.l1.bias, "gelu", backend=self.backend)
+        return fused_linear(h, self.l2.weight, self.l2.bias, "sigmoid", backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_matches_eager(backend):
+    # Inductor builds its CPU C++ in ~2 s here; fullgraph proves the op traces as one node.
+    torch.manual_seed(0)
+    model = TwoLayer(backend)
+    x = torch.randn(9, 7)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ye = model(x)
+    ye.square().sum().backward()
+    torch.testing.assert_close(y, ye)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_torch_export_dynamic_batch():
+    torch.manual_seed(0)
+    model = TwoLayer().eval()
+    ep = torch.export.export(model, (torch.randn(4, 7),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("aecore" in t for t in targets), targets
+    for batch in (1, 11):
+        x = torch.randn(batch, 7)
+        torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_onnx_export_has_only_standard_ops(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = TwoLayer().eval()
+    prog = torch.onnx.export(model, (torch.randn(4, 7),), dynamo=True,
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                             input_names=["x"], output_names=["y"])
+    path = tmp_path / "m.onnx"
+    prog.save(str(path), external_data=False)
+    proto = prog.model_proto
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node), \
+        [(n.domain, n.op_type) for n in proto.graph.node]
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    assert {n.op_type for n in proto.graph.node} >= {"Gelu", "Sigmoid"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(13, 7)
+    got = sess.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, w, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3)
+    return [
+        ((x.tolist(), w, b), {}, TypeError, "x must be a torch.Tensor, got list"),
+        ((x, None, b), {}, TypeError, "weight must be a torch.Tensor, got NoneType"),
+        ((x, w, [0.0] * 3), {}, TypeError, "bias must be a torch.Tensor, got list"),
+        ((x, torch.randn(3, 4), b), {}, ValueError,
+         r"x.shape\[-1\] must equal weight.shape\[1\] \(in_features = 4\), got x of shape "
+         r"\(4, 5\)"),
+        ((x, torch.randn(3, 5, 1), b), {}, ValueError,
+         r"weight must be 2-D \(out_features, in_features\), got shape \(3, 5, 1\)"),
+        ((x, w, torch.randn(4)), {}, ValueError, r"bias must have shape \(3,\) .*got \(4,\)"),
+        ((x, w, torch.randn(3, 1)), {}, ValueError, r"bias must have shape \(3,\)"),
+        ((torch.tensor(1.0), w, b), {}, ValueError, "x must have at least 1 dimension"),
+        ((x, w.double(), b), {}, TypeError,
+         "weight must have x's dtype torch.float32, got torch.float64"),
+        ((x, w, b.half()), {}, TypeError,
+         "bias must have x's dtype torch.float32, got torch.float16"),
+        ((x, w, b.to("meta")), {}, ValueError, "bias must be on x's device cpu, got meta"),
+        ((x.long(), w.long(), b.long()), {}, TypeError,
+         "x must be a floating-point tensor .*got torch.int64"),
+        ((x, w.int(), b), {}, TypeError, "weight must be a floating-point tensor"),
+        ((x, w, b, "swish"), {}, ValueError, "activation must be one of .*got 'swish'"),
+        ((x, w, b, "relu"), {"negative_slope": "0.1"}, TypeError,
+         "negative_slope must be a real number, got str"),
+        ((x, w, b), {"allow_tf32": 1}, TypeError, "allow_tf32 must be a bool, got int"),
+        ((x, w, b), {"backend": "cuda"}, ValueError, "backend must be one of"),
+        ((x.double(), w.double(), b.double()), {"backend": "triton"}, TypeError,
+         "use backend='torch' for float64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_inputs_raise_clear_errors(case):
+    args, kwargs, exc, msg = _bad_cases()[case]
+    with pytest.raises(exc, match=msg):
+        fused_linear(*args, **kwargs)
