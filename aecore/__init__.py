@@ -17,6 +17,7 @@ _EXPORTS = {
     "ConvAutoEncoder": "aecore.conv",
     "SparseAutoEncoder": "aecore.sparse",
     "ContractiveAutoEncoder": "aecore.contractive",
+    "VQVAE": "aecore.vqvae",
     "Decoder": "aecore.autoencoder",
     "AutoEncoder": "aecore.autoencoder",
     "Trainer": "aecore.train",
@@ -29,7 +30,7 @@ _EXPORTS = {
 _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families")
 # Modules that register model families when imported.
 FAMILY_MODULES = (
-    "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive",
+    "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive", "aecore.vqvae",
 )
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])

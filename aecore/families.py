@@ -68,12 +68,24 @@ def _cae(data: Dataset, s: Sizes):
     return ContractiveAutoEncoder(**_mlp_kwargs(data, s), output_activation=out, **lam)
 
 
+def _vq_vae(data: Dataset, s: Sizes):
+    from aecore.vqvae import VQVAE
+
+    # The code is num_latents vectors of 8 dims, each replaced by one of 128 codebook entries
+    # (7 bits each): latent size L gives L / 8 vectors.
+    latent = s.latent or default_latent(data)
+    return VQVAE(data.input_dim, s.hidden or default_hidden(data), num_latents=max(latent // 8, 1),
+                 code_dim=8, num_codes=128, activation=s.activation, ema=True, dead_after=100,
+                 **({} if s.weight is None else {"beta": s.weight}))
+
+
 BUILDERS: dict[str, Callable] = {
     "ae": _ae,
     "tied-ae": lambda data, s: _ae(data, s, tied=True),
     "dae": _ae,
     "conv-ae": _conv_ae,
     "cae": _cae,
+    "vq-vae": _vq_vae,
     "sparse-ae": lambda data, s: _sparse_ae(data, s, "kl"),
     "sparse-l1-ae": lambda data, s: _sparse_ae(data, s, "l1"),
 }

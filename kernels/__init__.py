@@ -9,6 +9,7 @@ from aecore.kernels._backend import BACKENDS
 from aecore.kernels.contractive import contractive_penalty, contractive_penalty_reference
 from aecore.kernels.fused_linear import fused_linear, fused_linear_reference
 from aecore.kernels.sparsity import kl_sparsity, kl_sparsity_reference
+from aecore.kernels.vq import vq_nearest, vq_nearest_reference
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,4 +20,6 @@ __all__ = [
     "fused_linear_reference",
     "kl_sparsity",
     "kl_sparsity_reference",
+    "vq_nearest",
+    "vq_nearest_reference",
 ]
