@@ -59,12 +59,21 @@ def _cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     from aecore.train import evaluate
 
-    test = evaluate(model, data.inputs("test", flat=flat),
-                    data.labels("test") if y is not None else None)
+    x_test = data.inputs("test", flat=flat)
+    test = evaluate(model, x_test, data.labels("test") if y is not None else None)
+    if corruption is not None:
+        from aecore.corruption import denoise_report
+
+        # PSNR of the corrupted held-out inputs and of the model's output, against the clean ones.
+        test.update(denoise_report(model, torch.from_numpy(x_test), corruption,
+                                   torch.Generator().manual_seed(args.seed)))
     save_model(model, out, history,
                extra={"data": args.data, "model": args.model, "corruption": spec,
                       "test": test})

@@ -1,0 +1,60 @@
+"""End-to-end training steps of every family: one Adam step (loss forward, backward, update) of
+aecore's model as is, against the same model under torch.compile (compile time reported apart).
+
+On CPU aecore's kernels run their torch reference paths, so "aecore" here is eager PyTorch with
+aecore's op boundaries; on CUDA it runs the Triton kernels.
+"""
+
+import time
+
+import pytest
+import torch
+
+from aecore import data as datasets
+from aecore import families
+from bench.harness import device, interleaved, quick, record, rounds_for
+
+BATCH = 256
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load_digits()
+
+
+@pytest.mark.parametrize("name", sorted(families.BUILDERS))
+def bench_train_step(benchmark, digits, name):
+    dev = device()
+    sizes = families.Sizes(hidden=[256, 64], latent=16, channels=[16, 32])
+    torch.manual_seed(0)
+    flat = name not in families.IMAGE_INPUT
+    x = torch.from_numpy(digits.inputs("train", flat=flat)[:BATCH]).to(dev)
+    y = torch.from_numpy(digits.labels("train")[:BATCH]).to(dev)
+    y = y if name in families.USES_LABELS else None
+
+    def stepper(loss_fn, model):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            out = loss_fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+        return step
+
+    eager_model = families.build(name, digits, sizes).to(dev).train()
+    compiled_model = families.build(name, digits, sizes).to(dev).train()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    fns = {"aecore": stepper(eager_model.loss, eager_model)}
+    compile_s = None
+    if not benchmark.disabled:
+        compiled = stepper(torch.compile(compiled_model.loss), compiled_model)
+        t0 = time.perf_counter()
+        compiled()
+        compile_s = time.perf_counter() - t0
+        fns["compile"] = compiled
+    stats = interleaved(fns, rounds=rounds_for(benchmark, 10 if quick() else 30), device=dev)
+    params = sum(p.numel() for p in eager_model.parameters())
+    record(benchmark, kernel="train_step", case=f"{name} B{BATCH}", mode="full", stats=stats,
+           compile_s=compile_s, device=dev, size=params)
+    benchmark.pedantic(fns["aecore"], rounds=rounds_for(benchmark, 5), iterations=1)
