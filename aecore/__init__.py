@@ -18,6 +18,8 @@ _EXPORTS = {
     "SparseAutoEncoder": "aecore.sparse",
     "ContractiveAutoEncoder": "aecore.contractive",
     "VQVAE": "aecore.vqvae",
+    "VAE": "aecore.vae",
+    "ConditionalVAE": "aecore.vae",
     "Decoder": "aecore.autoencoder",
     "AutoEncoder": "aecore.autoencoder",
     "Trainer": "aecore.train",
@@ -31,6 +33,7 @@ _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "f
 # Modules that register model families when imported.
 FAMILY_MODULES = (
     "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive", "aecore.vqvae",
+    "aecore.vae",
 )
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])

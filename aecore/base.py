@@ -49,9 +49,11 @@ class AutoEncoderBase(nn.Module):
         """Deterministic reconstruction, (B, *input_shape) -> (B, *input_shape)."""
         return self(x)
 
-    def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean squared reconstruction error, (B, *input_shape) -> (B,)."""
-        err = (self(x) - x).pow(2)
+    def reconstruction_error(self, x: torch.Tensor, *condition: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean squared reconstruction error, (B, *input_shape) -> (B,).
+
+        ``condition``: the labels of conditional models."""
+        err = (self(x, *condition) - x).pow(2)
         return err.flatten(1).mean(dim=1)
 
     def check_input(self, x: torch.Tensor, arg: str = "x") -> None:

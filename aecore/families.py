@@ -79,6 +79,18 @@ def _vq_vae(data: Dataset, s: Sizes):
                  **({} if s.weight is None else {"beta": s.weight}))
 
 
+def _vae(data: Dataset, s: Sizes, beta: float = 1.0, conditional: bool = False):
+    from aecore.vae import VAE, ConditionalVAE
+
+    # Bernoulli likelihood for images in [0, 1]; Gaussian for standardised tabular data.
+    kw = {"likelihood": "bernoulli" if data.is_image else "gaussian",
+          "beta": s.weight if s.weight is not None else beta}
+    mlp = _mlp_kwargs(data, s)
+    if conditional:
+        return ConditionalVAE(data.num_classes, **mlp, **kw)
+    return VAE(**mlp, **kw)
+
+
 BUILDERS: dict[str, Callable] = {
     "ae": _ae,
     "tied-ae": lambda data, s: _ae(data, s, tied=True),
@@ -86,6 +98,9 @@ BUILDERS: dict[str, Callable] = {
     "conv-ae": _conv_ae,
     "cae": _cae,
     "vq-vae": _vq_vae,
+    "vae": _vae,
+    "beta-vae": lambda data, s: _vae(data, s, beta=4.0),
+    "cvae": lambda data, s: _vae(data, s, conditional=True),
     "sparse-ae": lambda data, s: _sparse_ae(data, s, "kl"),
     "sparse-l1-ae": lambda data, s: _sparse_ae(data, s, "l1"),
 }
@@ -93,7 +108,7 @@ BUILDERS: dict[str, Callable] = {
 # Families whose models take images as (B, C, H, W); the rest take flat (B, input_dim) rows.
 IMAGE_INPUT: set[str] = {"conv-ae"}
 # Families whose training uses the labels (conditional models).
-USES_LABELS: set[str] = set()
+USES_LABELS: set[str] = {"cvae"}
 # Families trained on corrupted inputs by default (the corruption spec; --corruption overrides).
 DEFAULT_CORRUPTION: dict[str, str] = {"dae": "gaussian:0.3"}
 

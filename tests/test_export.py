@@ -41,7 +41,7 @@ def _inputs(model, part, batch, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, *model.input_shape, generator=g)
     cond = model.family == "cvae"
-    y = torch.randint(0, getattr(model, "num_classes", 1), (batch,), generator=g)
+    y = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (batch,), generator=g)
     if part in ("decoder", "generator"):
         with torch.no_grad():
             code = model.encode(x, y) if cond else model.encode(x)

@@ -1,0 +1,403 @@
+"""Variational autoencoders: VAE, beta-VAE (``VAE(beta=...)``) and the conditional VAE.
+
+q(z | x) = N(mu(x), diag(exp(logvar(x)))), p(z) = N(0, I), and p(x | z) one of
+
+- ``"bernoulli"``: the decoder outputs logits; log p = -BCE-with-logits summed over features.
+- ``"gaussian"``: mean from the decoder, fixed standard deviation ``sigma``.
+- ``"gaussian-learned"``: mean from the decoder, a learned log-variance per feature
+  (``variance="feature"``) or one for all features (``"scalar"``), clamped into
+  [LOG_SIGMA2_MIN, LOG_SIGMA2_MAX] so that the likelihood cannot run away on constant pixels.
+
+Sampling and the KL term run through the fused op
+:func:`aecore.kernels.reparameterize.reparameterize`.
+The encoder outputs (mu, logvar) from one (B, 2 * latent_dim) layer: an MLP of ``hidden_dims``
+or, with ``channels``, a convolutional encoder (:mod:`aecore.conv`). The conditional VAE feeds
+the one-hot label to both sides: concatenated to the flat input (as constant planes for images)
+and to the code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecore.autoencoder import Decoder, Encoder
+from aecore.base import AutoEncoderBase
+from aecore.kernels._backend import exporting
+from aecore.kernels.reparameterize import LOGVAR_MAX, LOGVAR_MIN, reparameterize
+from aecore.registry import register
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
+VARIANCES = ("feature", "scalar")
+LOG_SIGMA2_MIN, LOG_SIGMA2_MAX = -9.0, 9.0
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _positive_int(arg: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(arg: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+@register
+class VAE(AutoEncoderBase):
+    """Variational autoencoder; ``beta`` != 1 weights the KL term (beta-VAE).
+
+    MLP: ``input_dim`` and ``hidden_dims`` (the decoder mirrors them), inputs (B, input_dim).
+    Conv: ``input_shape`` (C, H, W) and ``channels`` (H, W divisible by 2**len(channels)),
+    inputs (B, C, H, W). ``encode`` -> (mu, logvar), each (B, latent_dim); ``decode`` -> the
+    likelihood's mean (probabilities for Bernoulli), (B, *input_shape); ``forward`` = decode(mu).
+    """
+
+    family = "vae"
+    num_classes: int = 0
+
+    def __init__(self, input_dim: int | None = None, hidden_dims: Sequence[int] = (256,),
+                 latent_dim: int = 16, activation: str = "relu", *,
+                 input_shape: Sequence[int] | None = None, channels: Sequence[int] | None = None,
+                 upsample: str = "bilinear", likelihood: str = "bernoulli", sigma: float = 1.0,
+                 variance: str = "feature", beta: float = 1.0):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+        self.likelihood, self.variance = likelihood, variance
+        self.sigma = _positive_float("sigma", sigma)
+        self.beta = _positive_float("beta", beta) if beta != 0 else 0.0
+        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.activation, self.upsample = activation, upsample
+        self.hidden_dims = [_positive_int("hidden_dims", h) for h in hidden_dims]
+        c = self.num_classes
+        if channels is not None:
+            from aecore.conv import ConvDecoder, ConvEncoder
+
+            if input_dim is not None:
+                raise ValueError("input_dim must be None for a convolutional VAE (give "
+                                 "input_shape=(C, H, W) with channels)")
+            if input_shape is None:
+                raise ValueError("input_shape (C, H, W) is required with channels")
+            probe = ConvEncoder(input_shape, channels, 1, activation)  # validates the shape
+            shape = probe.input_shape
+            self.channels: list[int] | None = list(probe.channels)
+            self.encoder = ConvEncoder((shape[0] + c, *shape[1:]), self.channels,
+                                       2 * self.latent_dim, activation)
+            self.decoder = ConvDecoder(shape, self.channels[::-1], self.latent_dim + c,
+                                       upsample, activation)
+            self.input_shape = tuple(shape)
+        else:
+            if input_shape is not None:
+                if len(tuple(input_shape)) != 1:
+                    raise ValueError(f"input_shape must be (input_dim,) for an MLP VAE (give "
+                                     f"channels for images), got {tuple(input_shape)!r}")
+                if input_dim is not None and int(tuple(input_shape)[0]) != input_dim:
+                    raise ValueError(f"input_dim {input_dim} and input_shape "
+                                     f"{tuple(input_shape)} disagree")
+                input_dim = tuple(input_shape)[0]
+            if input_dim is None:
+                raise ValueError("input_dim is required for an MLP VAE (or input_shape and "
+                                 "channels for a convolutional one)")
+            input_dim = _positive_int("input_dim", input_dim)
+            self.channels = None
+            self.encoder = Encoder(input_dim + c, self.hidden_dims, 2 * self.latent_dim,
+                                   activation)
+            self.decoder = Decoder(self.latent_dim + c, self.hidden_dims[::-1], input_dim,
+                                   activation)
+            self.input_shape = (input_dim,)
+        if likelihood == "gaussian-learned":
+            shape = self.input_shape if variance == "feature" else ()
+            self.log_sigma2 = nn.Parameter(torch.zeros(shape))
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        conv = self.channels is not None
+        return {
+            "input_dim": None if conv else self.input_shape[0],
+            "hidden_dims": self.hidden_dims,
+            "latent_dim": self.latent_dim,
+            "activation": self.activation,
+            "input_shape": list(self.input_shape) if conv else None,
+            "channels": self.channels,
+            "upsample": self.upsample,
+            "likelihood": self.likelihood,
+            "sigma": self.sigma,
+            "variance": self.variance,
+            "beta": self.beta,
+        }
+
+    def _onehot(self, y: torch.Tensor | None, n: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor | None:
+        """(n, num_classes) one-hot labels; None for the unconditional model."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("y must be None: this VAE is unconditional (use "
+                                 "ConditionalVAE for labels)")
+            return None
+        if y is None:
+            raise ValueError(f"y is required: labels (batch,) in [0, {self.num_classes})")
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor of integer labels, got {type(y).__name__}")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"y must hold integer labels, got {y.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) (one label per sample), "
+                             f"got {tuple(y.shape)}")
+        # The range check reads values: impossible (and pointless) while export traces shapes.
+        if n and not exporting() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"y must be labels in [0, {self.num_classes}), got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, *input_shape) -> (mu, logvar), each (B, latent_dim)."""
+        self.check_input(x)
+        h = self._onehot(y, x.shape[0], x.device, x.dtype)
+        if h is not None:
+            if self.channels is not None:
+                h = h[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, h], dim=1)
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+    def _decode_raw(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (Bernoulli) or means (Gaussian), (B, *input_shape)."""
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"z must be a floating point torch.Tensor, got "
+                            f"{getattr(z, 'dtype', type(z).__name__)}")
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must have shape (batch, {self.latent_dim}), "
+                             f"got {tuple(z.shape)}")
+        h = self._onehot(y, z.shape[0], z.device, z.dtype)
+        return self.decoder(z if h is None else torch.cat([z, h], dim=1))
+
+    def _mean(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(raw) if self.likelihood == "bernoulli" else raw
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, latent_dim) -> the likelihood's mean, (B, *input_shape)."""
+        return self._mean(self._decode_raw(z, y))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic reconstruction decode(mu(x)), (B, *input_shape)."""
+        return self.decode(self.encode(x, y)[0], y)
+
+    # -- likelihood and bounds -----------------------------------------------------------------
+
+    def log_px(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target | z) per sample, (B,), from the decoder's raw output (B, *input_shape)."""
+        raw, target = raw.float(), target.float()
+        if self.likelihood == "bernoulli":
+            lp = -F.binary_cross_entropy_with_logits(raw, target, reduction="none")
+        elif self.likelihood == "gaussian":
+            lp = -0.5 * ((target - raw).pow(2) / self.sigma ** 2
+                         + math.log(self.sigma ** 2) + _LOG_2PI)
+        else:
+            ls2 = self.log_sigma2.clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
+            lp = -0.5 * ((target - raw).pow(2) * torch.exp(-ls2) + ls2 + _LOG_2PI)
+        return lp.flatten(1).sum(dim=1)
+
+    def _target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        if target is None:
+            return x
+        self.check_input(target, "target")
+        if target.shape != x.shape:
+            raise ValueError(f"target must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(target.shape)}")
+        return target
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
+             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{"loss": mean of recon + beta * kl (the negative beta-ELBO per sample), "recon": mean
+        -log p(target | z), "kl": mean KL(q(z|x) || p(z))}; one z per sample. An
+        unconditional VAE ignores ``y`` (the trainer passes labels to every model)."""
+        y = y if self.num_classes else None
+        target = self._target(x, target)
+        mu, logvar = self.encode(x, y)
+        z, kl = reparameterize(mu, logvar)
+        recon = -self.log_px(self._decode_raw(z, y), target)
+        kl = kl.float()
+        return {"loss": (recon + self.beta * kl).mean(), "recon": recon.mean(),
+                "kl": kl.mean()}
+
+    def _repeat(self, t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        """(B, ...) -> (B * k, ...), each row repeated k times in a row."""
+        return None if t is None else t.repeat_interleave(k, dim=0)
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample ELBO (beta = 1), (B,): log p(x|z) averaged over ``k`` draws of z, minus KL."""
+        k = _positive_int("k", k)
+        mu, logvar = self.encode(x, y)
+        z, kl = reparameterize(mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0),
+                               generator=generator)
+        lp = self.log_px(self._decode_raw(z, self._repeat(y, k)), self._repeat(x, k))
+        return lp.view(-1, k).mean(1) - kl.float().view(-1, k)[:, 0]
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 100,
+                       chunk: int = 4096, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) per sample, (B,), with ``k`` draws from q:
+        logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k (the IWAE bound; it
+        rises towards log p(x) with k). Decodes at most ``chunk`` rows at a time."""
+        k = _positive_int("k", k)
+        chunk = _positive_int("chunk", chunk)
+        mu, logvar = self.encode(x, y)
+        B = x.shape[0]
+        per = max(1, chunk // max(k, 1))  # samples per decoder call
+        out = []
+        for i in range(0, B, per):
+            sl = slice(i, i + per)
+            n = mu[sl].shape[0]
+            m = mu[sl].repeat_interleave(k, 0).float()
+            lv = logvar[sl].repeat_interleave(k, 0).float()
+            z = reparameterize(m, lv, generator=generator, return_kl=False)
+            # log q with the variance the sampler used (logvar clamped the same way).
+            lvc = lv.clamp(LOGVAR_MIN, LOGVAR_MAX)
+            eps2 = (z - m).pow(2) * torch.exp(-lvc)
+            log_q = -0.5 * (eps2 + lvc + _LOG_2PI).sum(1)
+            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(1)
+            yy = None if y is None else y[sl]
+            log_px = self.log_px(self._decode_raw(z.to(x.dtype), self._repeat(yy, k)),
+                                 self._repeat(x[sl], k))
+            w = (log_px + log_pz - log_q).view(n, k)
+            out.append(torch.logsumexp(w, dim=1) - math.log(k))
+        return torch.cat(out) if out else x.new_zeros((0,))
+
+    # -- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws of the likelihood's mean under z ~ p(z): (n, *input_shape).
+
+        ``labels`` (conditional model): an int for all n, or (n,) integer labels."""
+        n = _positive_int("n", n)
+        device = next(self.parameters()).device
+        if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
+            labels = torch.full((n,), int(labels), dtype=torch.long, device=device)
+        g_device = generator.device if generator is not None else device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=g_device).to(device)
+        return self.decode(z, labels)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                    sample: bool = False,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, *input_shape) -> decode(mu), or decode(z) with z ~ q(z|x) when ``sample``."""
+        mu, logvar = self.encode(x, y)
+        z = reparameterize(mu, logvar, generator=generator, return_kl=False) if sample else mu
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the straight line between the posterior means of x1 and x2.
+
+        x1, x2: one sample (*input_shape) -> (steps, *input_shape), or a batch
+        (B, *input_shape) -> (B, steps, *input_shape); endpoints included. ``y``: labels of the
+        conditional model ((B,), or an int), held fixed along the path."""
+        steps = _positive_int("steps", steps)
+        single = isinstance(x1, torch.Tensor) and x1.dim() == len(self.input_shape)
+        if single:
+            x1 = x1.unsqueeze(0)
+            x2 = x2.unsqueeze(0) if isinstance(x2, torch.Tensor) else x2
+        self.check_input(x1, "x1")
+        self.check_input(x2, "x2")
+        if x1.shape != x2.shape:
+            raise ValueError(f"x2 must have the shape of x1 {tuple(x1.shape)}, "
+                             f"got {tuple(x2.shape)}")
+        B = x1.shape[0]
+        if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+            y = torch.full((B,), int(y), dtype=torch.long, device=x1.device)
+        m1, m2 = self.encode(x1, y)[0], self.encode(x2, y)[0]
+        t = torch.linspace(0.0, 1.0, steps, device=x1.device, dtype=m1.dtype)
+        z = m1[:, None, :] + t[None, :, None] * (m2 - m1)[:, None, :]  # (B, steps, L)
+        out = self.decode(z.reshape(B * steps, -1), self._repeat(y, steps))
+        out = out.view(B, steps, *self.input_shape)
+        return out[0] if single else out
+
+
+@register
+class ConditionalVAE(VAE):
+    """VAE conditioned on a class label: ``encode(x, y)``, ``decode(z, y)``, ``forward(x, y)``
+    and ``sample(n, labels)`` take integer labels y (B,) in [0, num_classes)."""
+
+    family = "cvae"
+
+    def __init__(self, num_classes: int, input_dim: int | None = None,
+                 hidden_dims: Sequence[int] = (256,), latent_dim: int = 16,
+                 activation: str = "relu", **kwargs: Any):
+        self.num_classes = _positive_int("num_classes", num_classes)
+        super().__init__(input_dim, hidden_dims, latent_dim, activation, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, **super().config()}
+
+
+def _image_shape(model: VAE) -> tuple[int, ...]:
+    if len(model.input_shape) == 3:
+        return model.input_shape
+    side = math.isqrt(model.input_shape[0])
+    if side * side != model.input_shape[0]:
+        raise ValueError(f"model must produce images: input_shape {model.input_shape} is "
+                         "neither (C, H, W) nor a square number of pixels")
+    return (side, side)
+
+
+def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None = None,
+                seed: int = 0) -> np.ndarray:
+    """Draw ``n`` samples from the prior and write them as a PNG grid at ``path``.
+
+    For a conditional model, ``label`` fixes the class of every sample; without it the labels
+    cycle through the classes (one row per class for a grid 8 wide). Flat models must have a
+    square number of pixels. Returns the images, (n, H, W) or (n, C, H, W), in [0, 1].
+    """
+    from aecore.plots import save_image_grid
+
+    if not isinstance(model, VAE):
+        raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
+    n = _positive_int("n", n)
+    shape = _image_shape(model)
+    labels = None
+    if model.num_classes:
+        if label is None:
+            labels = torch.arange(n) % model.num_classes
+        else:
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
+                    or not 0 <= label < model.num_classes:
+                raise ValueError(f"label must be an int in [0, {model.num_classes}), "
+                                 f"got {label!r}")
+            labels = torch.full((n,), int(label), dtype=torch.long)
+    elif label is not None:
+        raise ValueError("label must be None for an unconditional model")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        imgs = model.sample(n, None if labels is None else labels.to(device), generator=gen)
+    finally:
+        model.train(was_training)
+    # Model inputs are scaled to [0, 1] (the project's image convention): no inversion.
+    imgs = imgs.float().cpu().numpy().reshape(n, *shape)
+    imgs = np.clip(imgs, 0.0, 1.0)
+    save_image_grid(imgs, path, nrow=8)
+    return imgs

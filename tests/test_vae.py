@@ -1,0 +1,294 @@
+"""VAE, beta-VAE and conditional VAE on scikit-learn's digits (8x8, scaled to [0, 1])."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aecore import data
+from aecore.io import load_model, save_model
+from aecore.registry import MODELS
+from aecore.vae import VAE, ConditionalVAE, sample_grid
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = data.load_digits()
+    x = torch.from_numpy(ds.inputs("train"))
+    y = torch.from_numpy(ds.labels("train"))
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    return x, y
+
+
+MLP = {"input_dim": 64, "hidden_dims": [64], "latent_dim": 4}
+CONV = {"input_shape": (1, 8, 8), "channels": [8, 16], "latent_dim": 4}
+
+CASES = {
+    "mlp-bernoulli": (VAE, MLP, {}),
+    "mlp-gaussian": (VAE, MLP, {"likelihood": "gaussian", "sigma": 0.3}),
+    "mlp-gaussian-learned-feature": (VAE, MLP, {"likelihood": "gaussian-learned"}),
+    "mlp-gaussian-learned-scalar": (VAE, MLP, {"likelihood": "gaussian-learned",
+                                               "variance": "scalar"}),
+    "conv-bernoulli": (VAE, CONV, {}),
+    "conv-gaussian": (VAE, CONV, {"likelihood": "gaussian", "sigma": 0.3,
+                                  "upsample": "transposed"}),
+    "conv-gaussian-learned": (VAE, CONV, {"likelihood": "gaussian-learned"}),
+    "beta-vae": (VAE, MLP, {"beta": 4.0}),
+    "cvae-mlp": (ConditionalVAE, MLP, {"num_classes": 10}),
+    "cvae-conv": (ConditionalVAE, CONV, {"num_classes": 10}),
+}
+
+
+def _build(name):
+    cls, arch, kw = CASES[name]
+    torch.manual_seed(0)
+    return cls(**arch, **kw)
+
+
+def _inputs(model, x, y):
+    x = x.view(-1, *model.input_shape)
+    return x, (y if model.num_classes else None)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_lowers_the_loss(name, digits):
+    model = _build(name)
+    x, y = _inputs(model, *digits)
+    xe, ye = x[:256], None if y is None else y[:256]
+
+    def held_loss():
+        torch.manual_seed(123)  # the same noise before and after training
+        with torch.no_grad():
+            return model.loss(xe, ye)
+
+    before = held_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        idx = torch.randint(len(x), (128,), generator=g)
+        terms = model.loss(x[idx], None if y is None else y[idx])
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    after = held_loss()
+    assert torch.isfinite(after["loss"])
+    # At least 10% of the starting loss gone (the Gaussian losses may cross zero).
+    assert after["loss"] < before["loss"] - 0.1 * abs(before["loss"])
+    # The terms add up: loss = recon + beta * kl, with kl >= 0.
+    beta = model.beta
+    torch.testing.assert_close(after["loss"], after["recon"] + beta * after["kl"])
+    assert after["kl"] >= 0
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A small MLP VAE trained for a few hundred steps (for the bound checks)."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, [64], 4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        idx = torch.randint(len(x), (128,), generator=g)
+        loss = model.loss(x[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_elbo_is_minus_the_loss_with_the_same_noise(trained, digits):
+    x = digits[0][:50]
+    torch.manual_seed(7)
+    elbo = trained.elbo(x)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        loss = trained.loss(x)["loss"]
+    assert elbo.shape == (50,)
+    torch.testing.assert_close(-elbo.mean(), loss)
+
+
+def test_importance_weighted_bound_is_tighter_than_the_elbo(trained, digits):
+    x = digits[0][:64]
+    g = torch.Generator().manual_seed(3)
+    elbo = trained.elbo(x, k=20, generator=g)
+    ll = trained.log_likelihood(x, k=200, generator=g)
+    ll1 = trained.log_likelihood(x, k=1, generator=g)
+    assert ll.shape == (64,) and torch.isfinite(ll).all()
+    # IWAE: E[L_k] increases with k; L_1 is the ELBO (here estimated with more draws).
+    assert ll.mean() > elbo.mean()
+    assert abs(ll1.mean() - elbo.mean()) < 0.05 * abs(elbo.mean())
+    # A log-likelihood of 64 Bernoulli pixels: negative, and above the all-0.5 model's.
+    assert (ll < 0).all() and ll.mean() > 64 * math.log(0.5)
+
+
+def test_log_likelihood_chunking_changes_nothing_but_the_noise(trained, digits):
+    # chunk smaller than k: one sample per decoder call; same mean within noise.
+    x = digits[0][:16]
+    a = trained.log_likelihood(x, k=100, chunk=50, generator=torch.Generator().manual_seed(0))
+    b = trained.log_likelihood(x, k=100, generator=torch.Generator().manual_seed(0))
+    assert a.shape == b.shape == (16,)
+    assert (a - b).abs().max() < 1.0
+
+
+def test_sample_reconstruct_interpolate(trained, digits):
+    x = digits[0][:5]
+    s = trained.sample(7, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (7, 64) and 0 <= s.min() and s.max() <= 1
+    torch.testing.assert_close(s, trained.sample(7, generator=torch.Generator().manual_seed(0)))
+    rec = trained.reconstruct(x)
+    torch.testing.assert_close(rec, trained(x))
+    noisy = trained.reconstruct(x, sample=True, generator=torch.Generator().manual_seed(0))
+    assert noisy.shape == x.shape and not torch.equal(noisy, rec)
+    path = trained.interpolate(x[0], x[1], steps=6)
+    assert path.shape == (6, 64)
+    torch.testing.assert_close(path[0], rec[0])
+    torch.testing.assert_close(path[-1], rec[1])
+    batch = trained.interpolate(x[:2], x[2:4], steps=3)
+    assert batch.shape == (2, 3, 64)
+    torch.testing.assert_close(batch[1, -1], rec[3])
+
+
+def test_conditional_vae_uses_labels(digits):
+    model = _build("cvae-conv").eval()
+    x, y = _inputs(model, *digits)
+    s = model.sample(4, labels=3, generator=torch.Generator().manual_seed(0))
+    s2 = model.sample(4, labels=torch.full((4,), 5), generator=torch.Generator().manual_seed(0))
+    assert s.shape == (4, 1, 8, 8)
+    assert not torch.allclose(s, s2)  # same z, other label
+    assert model(x[:3], y[:3]).shape == (3, 1, 8, 8)
+    assert model.elbo(x[:3], y[:3], k=2).shape == (3,)
+    assert model.log_likelihood(x[:3], y[:3], k=5).shape == (3,)
+    assert model.interpolate(x[0], x[1], 4, y=2).shape == (4, 1, 8, 8)
+    mu_a = model.encode(x[:2], torch.tensor([0, 0]))[0]
+    mu_b = model.encode(x[:2], torch.tensor([9, 9]))[0]
+    assert not torch.allclose(mu_a, mu_b)
+
+
+def test_unconditional_vae_ignores_labels_in_loss_only(digits):
+    model = _build("mlp-bernoulli")
+    x, y = digits
+    torch.manual_seed(0)
+    a = model.loss(x[:8], y[:8])["loss"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, model.loss(x[:8])["loss"])
+    with pytest.raises(ValueError, match="y must be None"):
+        model.encode(x[:8], y[:8])
+
+
+def test_target_is_what_the_reconstruction_is_scored_against(digits):
+    model = _build("mlp-bernoulli")
+    x = digits[0][:8]
+    noisy = (x + 0.3 * torch.randn(x.shape)).clamp(0, 1)
+    torch.manual_seed(0)
+    a = model.loss(noisy, target=x)
+    torch.manual_seed(0)
+    b = model.loss(noisy)
+    assert not torch.allclose(a["recon"], b["recon"])
+    torch.testing.assert_close(a["kl"], b["kl"])
+
+
+@pytest.mark.parametrize("name", ["mlp-gaussian-learned-feature", "conv-bernoulli", "beta-vae",
+                                  "cvae-mlp", "cvae-conv"])
+def test_save_load_round_trip(name, digits, tmp_path):
+    model = _build(name).eval()
+    x, y = _inputs(model, *digits)
+    x, y = x[:6], None if y is None else y[:6]
+    with torch.no_grad():
+        if hasattr(model, "log_sigma2"):
+            model.log_sigma2.uniform_(-1, 1)
+        expected = model(x, y)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.config() == model.config()
+    torch.testing.assert_close(loaded(x, y), expected)
+    assert MODELS[model.family] is type(model)
+
+
+def test_sample_grid_writes_png(trained, tmp_path):
+    imgs = sample_grid(trained, 16, tmp_path / "g.png")
+    assert imgs.shape == (16, 8, 8) and (tmp_path / "g.png").stat().st_size > 0
+    assert np.array_equal(imgs, sample_grid(trained, 16, tmp_path / "h.png"))
+    cvae = _build("cvae-mlp")
+    imgs = sample_grid(cvae, 8, tmp_path / "c.png", label=4, seed=1)
+    assert imgs.shape == (8, 8, 8)
+    with pytest.raises(ValueError, match=r"label must be an int in \[0, 10\)"):
+        sample_grid(cvae, 8, tmp_path / "d.png", label=10)
+    with pytest.raises(ValueError, match="label must be None"):
+        sample_grid(trained, 8, tmp_path / "e.png", label=1)
+    with pytest.raises(ValueError, match="model must produce images"):
+        sample_grid(VAE(10, [8], 2), 4, tmp_path / "f.png")
+
+
+def test_triton_backend_runs_the_loss(monkeypatch, digits):
+    # The fused kernels through the interpreter: same terms' structure, finite gradients.
+    monkeypatch.setenv("AECORE_BACKEND", "triton")
+    model = VAE(64, [16], 3)
+    x = digits[0][:9]
+    terms = model.loss(x)
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(terms["loss"], terms["recon"] + terms["kl"])
+
+
+def test_onnx_export_of_the_deterministic_autoencoder(trained, digits, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    x = digits[0][:4]
+    prog = torch.onnx.export(trained, (x,), dynamo=True, input_names=["x"],
+                             output_names=["x_hat"],
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    path = tmp_path / "vae.onnx"
+    prog.save(str(path), external_data=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    xb = digits[0][:7]
+    out = sess.run(None, {"x": xb.numpy()})[0]
+    np.testing.assert_allclose(out, trained(xb).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"likelihood": "poisson"}, ValueError, "likelihood must be one of"),
+    ({"variance": "diag"}, ValueError, "variance must be one of"),
+    ({"sigma": 0.0}, ValueError, "sigma must be a positive finite number"),
+    ({"beta": -1.0}, ValueError, "beta must be a positive finite number"),
+    ({"latent_dim": 0}, ValueError, "latent_dim must be a positive integer"),
+    ({"input_dim": None}, ValueError, "input_dim is required"),
+    ({"channels": [8]}, ValueError, "input_dim must be None for a convolutional VAE"),
+    ({"input_dim": None, "channels": [8]}, ValueError, r"input_shape \(C, H, W\) is required"),
+    ({"input_dim": None, "input_shape": (1, 6, 6), "channels": [4, 4]}, ValueError,
+     "divisible by 2\\*\\*len\\(channels\\)"),
+])
+def test_bad_constructor_arguments(kwargs, exc, match):
+    args = {"input_dim": 64, "hidden_dims": [8], "latent_dim": 2, **kwargs}
+    with pytest.raises(exc, match=match):
+        VAE(**args)
+
+
+def test_bad_call_arguments():
+    model = VAE(64, [8], 2)
+    cvae = ConditionalVAE(3, 64, [8], 2)
+    x = torch.rand(4, 64)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 64\)"):
+        model.loss(torch.rand(4, 63))
+    with pytest.raises(TypeError, match="x must be a floating point tensor"):
+        model.encode(torch.ones(4, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"target must have shape \(batch, 64\)"):
+        model.loss(x, target=torch.rand(4, 8))
+    with pytest.raises(ValueError, match=r"z must have shape \(batch, 2\)"):
+        model.decode(torch.rand(4, 3))
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        model.log_likelihood(x, k=0)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="x2 must have the shape of x1"):
+        model.interpolate(x[:2], x[:3])
+    with pytest.raises(ValueError, match=r"y is required: labels \(batch,\) in \[0, 3\)"):
+        cvae.loss(x)
+    with pytest.raises(TypeError, match="y must hold integer labels"):
+        cvae.loss(x, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"y must be labels in \[0, 3\)"):
+        cvae.loss(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"y must have shape \(4,\)"):
+        cvae.loss(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        ConditionalVAE(0, 64)
