@@ -118,32 +118,35 @@ def render(results: dict, ceilings: dict, aot: list[dict], device: str, elapsed:
              + (f", fp16 matmul {ceilings['matmul_fp16_flops'] / 1e12:.1f} TFLOP/s"
                 if "matmul_fp16_flops" in ceilings else "") + ".", "",
              "Each case's variants ran interleaved in one process; times are medians (min-max). "
-             "Speedup = median of the other variant / median of aecore (above 1: aecore is "
-             "faster). Compile times are measured apart from step times.", "",
+             "'A vs B' = median of B / median of A (above 1: A is faster). Compile times are "
+             "measured apart from step times.", "",
              f"Suite time: {elapsed:.0f} s.", ""]
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        lines += [f"## {kernel}", "",
-                  "| case | mode | aecore | eager | compile | vs eager | vs compile | achieved "
-                  "| compile time |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["kernel"] == kernel):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        variants = list(dict.fromkeys(v for r in mine for v in r["stats"]))
+        subject = "aecore" if "aecore" in variants else variants[0]
+        others = [v for v in variants if v != subject]
+        head = ["case", "mode", *variants, *(f"{subject} vs {v}" for v in others), "achieved",
+                "compile time"]
+        lines += [f"## {kernel}", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
+        for r in mine:
             st = r["stats"]
-
-            def cell(name, st=st):
-                s = st.get(name)
-                return (f"{_fmt_s(s['median'])} ({_fmt_s(s['min'])}-{_fmt_s(s['max'])})"
-                        if s else "-")
-            ve = r.get("speedup_vs_eager")
-            vc = r.get("speedup_vs_compile")
+            cells = [r["case"], r["mode"]]
+            for v in variants:
+                s_ = st.get(v)
+                cells.append(f"{_fmt_s(s_['median'])} ({_fmt_s(s_['min'])}-{_fmt_s(s_['max'])})"
+                             if s_ else "-")
+            for v in others:
+                cells.append(f"{st[v]['median'] / st[subject]['median']:.2f}x"
+                             if v in st and subject in st else "-")
             comp = r.get("compile_s")
-            lines.append(
-                f"| {r['case']} | {r['mode']} | {cell('aecore')} | {cell('eager')} | "
-                f"{cell('compile')} | {f'{ve:.2f}x' if ve else '-'} | "
-                f"{f'{vc:.2f}x' if vc else '-'} | {_rate(r, ceilings)} | "
-                f"{f'{comp:.1f} s' if comp else '-'} |")
+            cells += [_rate(r, ceilings), f"{comp:.1f} s" if comp else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
             if r.get("peak_bytes"):
                 pk = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["peak_bytes"].items())
-                lines.append(f"|  | peak memory | {pk} |  |  |  |  |  |  |")
+                lines.append("| " + " | ".join(["", "peak memory", pk] + [""] * (len(head) - 3))
+                             + " |")
         lines.append("")
     lines += ["## Triton kernels compiled ahead of time", ""]
     if aot and "error" not in aot[0]:
@@ -189,11 +192,13 @@ def plot(results: dict, out: Path) -> list[Path]:
             atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
             plt.close(fig)
             paths.append(path)
-    ratio_rows = [r for r in rows if r.get("speedup_vs_eager")]
+    ratio_rows = [r for r in rows if {"aecore", "eager"} <= set(r["stats"])]
     if ratio_rows:
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(ratio_rows) + 1.5))
         labels = [f"{r['kernel']} {r['case']} {r['mode']}" for r in ratio_rows]
-        ax.barh(labels, [r["speedup_vs_eager"] for r in ratio_rows], label="vs eager")
+        speedups = [r["stats"]["eager"]["median"] / r["stats"]["aecore"]["median"]
+                    for r in ratio_rows]
+        ax.barh(labels, speedups, label="vs eager")
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("speedup of aecore (median ratio, one interleaved run)")
