@@ -33,6 +33,8 @@ def exporting() -> bool:
 def transformed(*tensors: torch.Tensor | None) -> bool:
     """True when a tensor is inside a torch.func transform (vmap, jvp, jacrev) or carries a
     forward-mode tangent: the custom ops have no rules for those, the reference math does."""
+    if torch.compiler.is_compiling():
+        return False  # torch.compile traces the custom op itself; these checks aren't traceable
     for t in tensors:
         if t is None:
             continue
