@@ -1,4 +1,4 @@
-"""bench/quality.py: the quality table of every family, on a tiny subset of scikit-learn's digits."""
+"""bench/quality.py: the quality table of every family, on a tiny subset of digits."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close
 
 from aecore import data as datasets
 from aecore import families
@@ -45,8 +46,9 @@ def test_every_builder_gets_one_row_and_files_match_results(tiny_run):
     assert on_disk["pca"] == results["pca"]
     md = (out / "quality.md").read_text()
     assert md == quality.to_markdown(results)
+    main_table = md.split("\nDenoising,")[0].split("\nVector quantisation,")[0]
     for name in families.BUILDERS:
-        assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 1, name
+        assert sum(line.startswith(f"| {name} |") for line in main_table.splitlines()) == 1, name
     assert "| PCA (4 components) |" in md
     assert "for 1 epochs (batch 32, Adam lr 0.002, seed 0" in md
 
@@ -117,7 +119,8 @@ def test_reconstruct_batches_and_passes_labels_to_conditional_models():
     got = quality.reconstruct(model, x, y, batch_size=5)
     with torch.no_grad():
         expected = model.decode(model.encode(x, y)[0], y)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Batches of 5 against one batch of 17: equal up to the GEMMs' fp32 rounding.
+    assert_close(got, expected.double(), dtype=torch.float32, k=11)
     assert model.training  # the caller's mode is restored
 
 
