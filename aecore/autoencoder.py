@@ -21,18 +21,13 @@ def _dims(name: str, dims: Sequence[int]) -> list[int]:
     return dims
 
 
-class Encoder(nn.Module):
-    """MLP encoder: (B, input_dim) -> (B, latent_dim) through ``hidden_dims``.
+class _FusedMLP(nn.Module):
+    """FusedLinear layers through ``sizes``; hidden layers use ``activation``, the last
+    ``last_activation``. ``layers`` holds them, input side first."""
 
-    ``layers`` holds the FusedLinear layers, input side first.
-    """
-
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
-                 activation: str = "relu", latent_activation: str = "identity"):
+    def __init__(self, sizes: list[int], activation: str, last_activation: str):
         super().__init__()
-        sizes = _dims("input_dim, hidden_dims and latent_dim",
-                      [input_dim, *hidden_dims, latent_dim])
-        acts = [activation] * len(hidden_dims) + [latent_activation]
+        acts = [activation] * (len(sizes) - 2) + [last_activation]
         self.layers = nn.ModuleList(
             FusedLinear(a, b, activation=act) for a, b, act in zip(sizes, sizes[1:], acts)
         )
@@ -43,23 +38,24 @@ class Encoder(nn.Module):
         return x
 
 
-class Decoder(nn.Module):
+class Encoder(_FusedMLP):
+    """MLP encoder: (B, input_dim) -> (B, latent_dim) through ``hidden_dims``."""
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
+                 activation: str = "relu", latent_activation: str = "identity"):
+        super().__init__(_dims("input_dim, hidden_dims and latent_dim",
+                               [input_dim, *hidden_dims, latent_dim]),
+                         activation, latent_activation)
+
+
+class Decoder(_FusedMLP):
     """MLP decoder: (B, latent_dim) -> (B, output_dim); ``hidden_dims`` from the latent side."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], output_dim: int,
                  activation: str = "relu", output_activation: str = "identity"):
-        super().__init__()
-        sizes = _dims("latent_dim, hidden_dims and output_dim",
-                      [latent_dim, *hidden_dims, output_dim])
-        acts = [activation] * len(hidden_dims) + [output_activation]
-        self.layers = nn.ModuleList(
-            FusedLinear(a, b, activation=act) for a, b, act in zip(sizes, sizes[1:], acts)
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            z = layer(z)
-        return z
+        super().__init__(_dims("latent_dim, hidden_dims and output_dim",
+                               [latent_dim, *hidden_dims, output_dim]),
+                         activation, output_activation)
 
 
 class TiedDecoder(nn.Module):
