@@ -165,7 +165,7 @@ def train_family(name: str, data: datasets.Dataset, s: Settings) -> tuple[torch.
     torch.manual_seed(s.seed)  # stochastic loss terms (VAE sampling) draw the same noise
     terms = evaluate(model, x_test, y_test)
     row = {"family": name, "test_mse": test_mse, "train_s": train_s,
-           "params": count_params(model), "corruption": spec,
+           "params": count_params(model), "corruption": spec, "conditional": labels,
            "final_train_loss": history[-1]["train_loss"] if history else None,
            "test_terms": terms, "codebook": codebook_stats(model, x_test)}
     return model, row
@@ -259,6 +259,8 @@ def to_markdown(results: dict) -> str:
         notes = []
         if r["corruption"]:
             notes.append(f"trained on `{r['corruption']}` inputs")
+        if r.get("conditional"):
+            notes.append("also given the class label")
         if r["codebook"]:
             c = r["codebook"]
             notes.append(f"code: {c['positions']} x {c['codebook_size']}-entry codebook = "

@@ -61,6 +61,11 @@ def test_rows_are_finite_and_ratios_are_to_pca(tiny_run):
         assert r["ratio_to_pca"] == pytest.approx(r["test_mse"] / pca, rel=1e-12)
         assert r["train_s"] > 0 and r["params"] > 0
         assert math.isfinite(r["test_terms"]["loss"])
+        assert r["conditional"] == (r["family"] in families.USES_LABELS)
+    md = quality.to_markdown(results)
+    for name in families.USES_LABELS:
+        assert next(line for line in md.splitlines() if line.startswith(f"| {name} |")) \
+            .endswith("| also given the class label |")
     dae = next(r for r in results["families"] if r["family"] == "dae")
     assert dae["corruption"] == families.DEFAULT_CORRUPTION["dae"]
 
@@ -160,3 +165,25 @@ def test_main_runs_a_subset_and_reports_bad_arguments(tmp_path, capsys):
 
     assert quality.main(["--data", "digits", "--families", "ae,bogus", "--out", str(out)]) == 2
     assert "families must be names from" in capsys.readouterr().err
+
+
+def test_codebook_stats_pool_code_use_over_the_test_set(tiny_run):
+    results, _ = tiny_run
+    data = _digits()
+    model, row = quality.train_family("vq-vae", data, quality.Settings(**TINY))
+    x = torch.from_numpy(data.inputs("test"))
+    stats = quality.codebook_stats(model, x, batch_size=10)  # pooled across 7 batches
+    idx = model.codes(x).numpy()
+    p = np.bincount(idx.ravel(), minlength=model.num_codes) / idx.size
+    entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    assert stats["perplexity"] == pytest.approx(float(np.exp(entropy)), rel=1e-12)
+    assert stats["codes_used"] == int(np.count_nonzero(p))
+    assert stats["positions"] == model.num_latents and stats["codebook_size"] == model.num_codes
+    assert stats["bits"] == model.num_latents * math.log2(model.num_codes)
+    assert row["codebook"] == quality.codebook_stats(model, x)
+    assert quality.codebook_stats(quality.train_family("ae", data, quality.Settings(**TINY))[0],
+                                  x) is None
+    md = quality.to_markdown(results)
+    c = next(r for r in results["families"] if r["family"] == "vq-vae")["codebook"]
+    assert (f"| vq-vae | {c['positions']} x {c['codebook_size']} | {c['bits']:g} | "
+            f"{c['perplexity']:.1f} | {c['codes_used']} |") in md
