@@ -56,6 +56,8 @@ class Model:
         self.max_batch = max_batch
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, Any] = {k: _parse(v) for k, v in meta.items()}
+        classes = self.metadata.get("num_classes")
+        self._classes = classes if isinstance(classes, int) and classes > 0 else None
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -92,6 +94,12 @@ class Model:
             a = np.ascontiguousarray(a, dtype=want)
             if np.issubdtype(want, np.floating) and not np.all(np.isfinite(a)):
                 raise ValueError(f"input {spec.name!r} contains NaN or Inf")
+            # An out-of-range class id one-hot encodes to zeros in the graph: a silent wrong
+            # answer, so it is caught here.
+            if self._classes and not np.issubdtype(want, np.floating) \
+                    and (a.min() < 0 or a.max() >= self._classes):
+                raise ValueError(f"input {spec.name!r} must hold class ids in "
+                                 f"[0, {self._classes}), got values in [{a.min()}, {a.max()}]")
             out.append(a)
         return out
 

@@ -1,9 +1,6 @@
 """ONNX export of every family and part, verified in ONNX Runtime and onnx.reference."""
 
 import json
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,75 +141,6 @@ def test_bad_arguments(tmp_path):
         to_onnx(model, tmp_path / "m.onnx", part="generator")
     with pytest.raises(TypeError, match="must be an aecore model"):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
-
-
-def test_runtime_input_errors(exported):
-    runtime = Model(exported["ae", "autoencoder"][1])
-    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"input 'x' must have rank 2"):
-        runtime.run(x[0])
-    with pytest.raises(ValueError, match=r"input 'x' must have shape \(batch, 64\)"):
-        runtime.run(x[:, :10])
-    with pytest.raises(TypeError, match="input 'x' must be a float32 array"):
-        runtime.run(x.astype(np.int32))
-    bad = x.copy()
-    bad[1, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        runtime.run(bad)
-    with pytest.raises(ValueError, match="takes 1 input"):
-        runtime.run(x, x)
-    with pytest.raises(ValueError, match="empty batch"):
-        runtime.run(x[:0])
-    np.testing.assert_array_equal(runtime.run(x.astype(np.float64)), runtime.run(x))
-
-
-def test_runtime_chunks_large_batches(exported):
-    path = exported["ae", "autoencoder"][1]
-    x = np.random.default_rng(1).random((257, 64), dtype=np.float32)
-    np.testing.assert_array_equal(Model(path, max_batch=50).run(x), Model(path).run(x))
-
-
-def test_runtime_is_thread_safe(exported):
-    runtime = Model(exported["ae", "scorer"][1], threads=1)
-    rng = np.random.default_rng(2)
-    batches = [rng.random((int(rng.integers(1, 40)), 64), dtype=np.float32) for _ in range(50)]
-    serial = [runtime.run_all(b) for b in batches]
-    results: dict[tuple[int, int], dict] = {}
-
-    def work(t):
-        for i, b in enumerate(batches):
-            results[t, i] = runtime.run_all(b)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert len(results) == 8 * 50
-    for (_, i), out in results.items():
-        for k in serial[i]:
-            np.testing.assert_array_equal(out[k], serial[i][k])
-
-
-def test_runtime_imports_and_runs_without_torch(exported, tmp_path):
-    path = exported["ae", "autoencoder"][1]
-    code = f"""
-import sys
-sys.modules["torch"] = None  # any import of torch now raises ImportError
-import numpy as np
-from aecore.export.runtime import Model
-m = Model({str(path)!r})
-out = m.run(np.zeros((3, 64), np.float32))
-assert out.shape == (3, 64), out.shape
-assert sys.modules["torch"] is None
-try:
-    import torch
-except ImportError:
-    print("torch blocked; runtime ok")
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "runtime ok" in proc.stdout
 
 
 def _fashion_or_digits():
