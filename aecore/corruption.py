@@ -89,11 +89,10 @@ class GaussianNoise(Corruption):
 
 
 @dataclass(frozen=True)
-class Masking(Corruption):
-    """Each element independently set to 0 with probability ``fraction``."""
+class _ByFraction(Corruption):
+    """A corruption that hits each element independently with probability ``fraction``."""
 
     fraction: float
-    name = "mask"
 
     def __post_init__(self):
         _fraction("fraction", self.fraction)
@@ -101,24 +100,23 @@ class Masking(Corruption):
     @property
     def level(self) -> float:
         return float(self.fraction)
+
+
+@dataclass(frozen=True)
+class Masking(_ByFraction):
+    """Each element independently set to 0 with probability ``fraction``."""
+
+    name = "mask"
 
     def corrupt(self, x, generator):
         return x.masked_fill(_uniform(x, generator) < self.fraction, 0.0)
 
 
 @dataclass(frozen=True)
-class SaltPepper(Corruption):
+class SaltPepper(_ByFraction):
     """Each element independently replaced with probability ``fraction``: by 0 or 1, even odds."""
 
-    fraction: float
     name = "saltpepper"
-
-    def __post_init__(self):
-        _fraction("fraction", self.fraction)
-
-    @property
-    def level(self) -> float:
-        return float(self.fraction)
 
     def corrupt(self, x, generator):
         # One uniform u per element: u < f/2 -> pepper (0), f/2 <= u < f -> salt (1).

@@ -45,6 +45,16 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+def check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    """TypeError/ValueError naming ``name`` unless ``t`` (if given) has x's dtype and device."""
+    if t is None:
+        return
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
 def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 

@@ -65,7 +65,7 @@ from aecore.kernels._activations import (
     activation_id,
     apply_act,
 )
-from aecore.kernels._backend import exporting, interpreting, resolve
+from aecore.kernels._backend import check_like, exporting, interpreting, resolve
 
 __all__ = ["contractive_penalty", "contractive_penalty_reference", "plan", "ORDERS"]
 
@@ -689,13 +689,8 @@ def _validate(x, weights, biases, activations, negative_slope) -> None:
             if tuple(b.shape) != (w.shape[0],):
                 raise ValueError(f"biases[{i}] must have shape ({w.shape[0]},), got "
                                  f"{tuple(b.shape)}")
-        for name, t in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
-            if t is None:
-                continue
-            if t.dtype != x.dtype:
-                raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+        check_like(f"weights[{i}]", w, x)
+        check_like(f"biases[{i}]", b, x)
     for i, act in enumerate(activations):
         activation_id(act, f"activations[{i}]")
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real) \

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from aecore.kernels._activations import act_grad, act_torch, activation_id, apply_act
-from aecore.kernels._backend import exporting, interpreting, resolve, transformed
+from aecore.kernels._backend import check_like, exporting, interpreting, resolve, transformed
 
 __all__ = ["fused_linear", "fused_linear_reference", "aot_cases"]
 
@@ -497,13 +497,8 @@ def _validate(x, weight, bias, negative_slope, allow_tf32) -> None:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got "
                          f"{tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    check_like("weight", weight, x)
+    check_like("bias", bias, x)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"negative_slope must be a real number, got "
                         f"{type(negative_slope).__name__}")
