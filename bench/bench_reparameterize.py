@@ -4,8 +4,9 @@ Eager is the textbook ``mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)`` wi
 ``-0.5 * sum(1 + logvar - mu^2 - exp(logvar))``. The variants run interleaved in one process
 (bench/harness.py); medians and speedups go to ``benchmark.extra_info``. Besides time, the
 bytes each variant keeps for its backward are measured with saved_tensors_hooks (numel *
-element_size, deduplicated by storage): aecore keeps mu and logvar and redraws eps from the
-seed, eager keeps eps, exp(0.5 logvar), exp(logvar) and mu. torch.compile's first call is timed
+element_size, deduplicated by storage): aecore keeps mu and logvar (exp(0.5 logvar) on its
+eager CPU path) and redraws eps from the seed, eager keeps eps, exp(0.5 logvar), exp(logvar)
+and mu. torch.compile's first call is timed
 apart. On CPU aecore runs its torch backend; on CUDA its Triton kernels.
 """
 

@@ -8,6 +8,7 @@ exercise the kernels on machines without a GPU).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -21,6 +22,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -65,9 +67,9 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
         backend = os.environ.get("AECORE_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if exporting():
-        return "torch"
     on_cuda = all(t.is_cuda for t in tensors)
+    if (backend == "auto" and not on_cuda) or exporting():
+        return "torch"
     if backend == "auto":
         use_triton = on_cuda and triton_available() and not any(
             t.dtype == torch.float64 for t in tensors

@@ -12,8 +12,9 @@ and the backward, from grad_z (..., D) and grad_kl (...)::
     dlv = 1/2 * grad_z * exp(lv / 2) * eps + 1/2 * grad_kl * (exp(lv) - 1)
 
 Noise. eps is a pure function of (seed, flat index of the element in mu's logical row-major
-order), so the backward regenerates it instead of saving it: the op keeps mu and logvar (which
-the caller holds anyway) and the seed, an int. The Triton path draws eps in-kernel with Philox
+order), so the backward regenerates it instead of saving it: the op keeps two tensors of mu's
+size (mu and logvar; the eager torch path keeps exp(logvar / 2) in place of logvar) and the
+seed, an int. The Triton path draws eps in-kernel with Philox
 (``tl.randn(seed, index)``); the torch path draws ``torch.randn`` from a torch.Generator seeded
 with ``seed``. Both are deterministic per seed, but they are different streams: the same seed
 gives different z on the two backends. Without a seed, one is drawn from ``generator``, or from
@@ -154,7 +155,10 @@ def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
     """The torch path's noise: torch.randn from a generator seeded with ``seed``."""
     # One generator per thread and device, reseeded on every call: creating one costs more
     # than the seeding, and per-thread objects keep concurrent calls from sharing a stream.
-    gens = _LOCAL.__dict__.setdefault("generators", {})
+    try:
+        gens = _LOCAL.generators
+    except AttributeError:
+        gens = _LOCAL.generators = {}
     g = gens.get(device)
     if g is None:
         g = gens[device] = torch.Generator(device=device)
@@ -166,48 +170,56 @@ def _upcast(t: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     return t if t.dtype == cd else t.to(cd)
 
 
+def _half_logvar(logvar: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """clamp(logvar) / 2 in the compute dtype, a new tensor (halving is exact, so clamping the
+    half into the halved range is the same clamp)."""
+    return _upcast(logvar, cd).mul(0.5).clamp_(LOGVAR_MIN / 2, LOGVAR_MAX / 2)
+
+
 def _torch_forward(mu: torch.Tensor, logvar: torch.Tensor,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference math without autograd, in as few full-size passes as torch allows (at
-    small sizes each pass costs mostly its dispatch)."""
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, kl, std) without autograd, in as few full-size passes as torch allows: at small
+    sizes each pass costs mostly its dispatch. std = exp(clamp(logvar) / 2) in the compute
+    dtype is returned for the backward."""
     cd = _compute_dtype(mu.dtype)
     eps = _torch_eps(mu.shape, seed, mu.device, cd)
     m = _upcast(mu, cd)
-    lv = _upcast(logvar, cd).clamp(LOGVAR_MIN, LOGVAR_MAX)
-    std = lv.mul(0.5).exp_()
+    half = _half_logvar(logvar, cd)
+    std = half.exp()
     z = torch.addcmul(m, std, eps)
-    # lv - exp(lv) - mu^2, summed; the "+ 1" per element joins as + D on the (...) sums.
-    term = torch.addcmul(lv, std, std, value=-1.0).addcmul_(m, m, value=-1.0)
-    kl = term.sum(dim=-1).add_(mu.shape[-1]).mul_(-0.5)
-    return (z if z.dtype == mu.dtype else z.to(mu.dtype)), kl
+    # kl = -D/2 - sum(lv/2 - var/2 - mu^2/2): the "1" per element joins as one -D/2 per row.
+    term = half.addcmul_(std, std, value=-0.5).addcmul_(m, m, value=-0.5)
+    kl = torch.rsub(term.sum(dim=-1), -0.5 * mu.shape[-1])
+    return (z if z.dtype == mu.dtype else z.to(mu.dtype)), kl, std
 
 
 def _torch_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
-                    mu: torch.Tensor, logvar: torch.Tensor,
+                    mu: torch.Tensor, std: torch.Tensor,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dmu, dlv) in mu's dtype, straight through the clamp; None grads count as zero."""
-    cd = _compute_dtype(mu.dtype)
+    """(dmu, dlv) in mu's dtype from std = exp(clamp(logvar) / 2), straight through the clamp;
+    None grads count as zero."""
+    cd = std.dtype
     if grad_z is None and grad_kl is None:
         zero = torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device)
         return zero, zero.clone()
-    std = _upcast(logvar, cd).clamp(LOGVAR_MIN, LOGVAR_MAX).mul_(0.5).exp_()
-    if grad_z is not None:
+    # dlv = 1/2 (gz * std * eps + gkl * (std^2 - 1)) = 1/2 (std * (gz * eps + gkl * std) - gkl)
+    if grad_kl is None:
         gz = _upcast(grad_z, cd)
-        # 2 dz/dlv = std * eps, with eps drawn again from the seed into a fresh buffer.
-        dlv2 = _torch_eps(mu.shape, seed, mu.device, cd).mul_(std).mul_(gz)
-    if grad_kl is not None:
-        g = _upcast(grad_kl, cd).unsqueeze(-1)
-        m = _upcast(mu, cd)
-        var_m1 = std.mul_(std).sub_(1.0)  # 2 dkl/dlv = exp(lv) - 1; dkl/dmu = mu
-        if grad_z is None:
-            dmu, dlv2 = g * m, var_m1.mul_(g)
-        else:
-            dmu, dlv2 = torch.addcmul(gz, g, m), dlv2.addcmul_(var_m1, g)
-    else:
         # A copy: op outputs must not alias their inputs.
         dmu = gz.clone(memory_format=torch.contiguous_format)
-    dlv = dlv2.mul_(0.5)
-    return dmu.to(mu.dtype).contiguous(), dlv.to(mu.dtype)
+        dlv = _torch_eps(mu.shape, seed, mu.device, cd).mul_(gz).mul_(std).mul_(0.5)
+    else:
+        g = _upcast(grad_kl, cd).unsqueeze(-1)
+        m = _upcast(mu, cd)
+        if grad_z is None:
+            dmu, t = g * m, g * std
+        else:
+            gz = _upcast(grad_z, cd)
+            dmu = torch.addcmul(gz, g, m)
+            t = _torch_eps(mu.shape, seed, mu.device, cd).mul_(gz).addcmul_(g, std)
+        dlv = torch.addcmul(g.mul(-0.5), t, std, value=0.5)
+    # Fresh contiguous tensors already; only half inputs need the cast back.
+    return _upcast(dmu, mu.dtype), _upcast(dlv, mu.dtype)
 
 
 # --- launchers -----------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ def _reparameterize_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int,
     """(z (..., D) in mu's dtype, kl (...) in float32 / float64)."""
     if use_triton:
         return _launch_fwd(mu, logvar, seed)
-    return _torch_forward(mu, logvar, seed)
+    return _torch_forward(mu, logvar, seed)[:2]
 
 
 @_reparameterize_op.register_fake
@@ -305,7 +317,8 @@ def _reparameterize_backward_op(grad_z: torch.Tensor | None, grad_kl: torch.Tens
     """(dmu, dlogvar), contiguous, in mu's dtype."""
     if use_triton:
         return _launch_bwd(grad_z, grad_kl, mu, logvar, seed)
-    return _torch_backward(grad_z, grad_kl, mu, logvar, seed)
+    std = _half_logvar(logvar, _compute_dtype(mu.dtype)).exp_()
+    return _torch_backward(grad_z, grad_kl, mu, std, seed)
 
 
 @_reparameterize_backward_op.register_fake
@@ -334,20 +347,22 @@ _reparameterize_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _TorchReparameterize(torch.autograd.Function):
     """The torch backend in eager mode: the same forward/backward as the custom op's torch
-    path, without the op's dispatch layers (a Python autograd.Function costs far less)."""
+    path, without the op's dispatch layers (a Python autograd.Function costs far less). It
+    keeps std = exp(clamp(logvar) / 2), which the forward computed anyway, in place of logvar:
+    as many bytes (in the compute dtype), and the backward skips recomputing it."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed):
-        z, kl = _torch_forward(mu, logvar, seed)
-        ctx.save_for_backward(mu, logvar)
+        z, kl, std = _torch_forward(mu, logvar, seed)
+        ctx.save_for_backward(mu, std)
         ctx.set_materialize_grads(False)
         ctx.seed = seed
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        mu, logvar = ctx.saved_tensors
-        dmu, dlv = _torch_backward(grad_z, grad_kl, mu, logvar, ctx.seed)
+        mu, std = ctx.saved_tensors
+        dmu, dlv = _torch_backward(grad_z, grad_kl, mu, std, ctx.seed)
         return dmu, dlv, None
 
 
@@ -427,7 +442,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None =
     elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
         z, kl = _TorchReparameterize.apply(mu, logvar, seed)
     else:
-        z, kl = _torch_forward(mu, logvar, seed)
+        z, kl, _ = _torch_forward(mu, logvar, seed)
     return (z, kl) if return_kl else z
 
 
