@@ -1,37 +1,36 @@
-"""reparameterize (z and the KL term) forward + backward vs eager PyTorch and torch.compile of it.
+"""reparameterize (z and the KL term) vs eager PyTorch and torch.compile of it, in forward,
+backward and full modes over a sweep of sizes.
 
 Eager is the textbook ``mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)`` with
 ``-0.5 * sum(1 + logvar - mu^2 - exp(logvar))``. The variants run interleaved in one process
-(bench/harness.py); medians and speedups go to ``benchmark.extra_info``. Besides time, the
-bytes each variant keeps for its backward are measured with saved_tensors_hooks (numel *
-element_size, deduplicated by storage): aecore keeps mu and logvar (exp(0.5 logvar) on its
-eager CPU path) and redraws eps from the seed, eager keeps eps, exp(0.5 logvar), exp(logvar)
-and mu. torch.compile's first call is timed
-apart. On CPU aecore runs its torch backend; on CUDA its Triton kernels.
+(bench/harness.py); medians and speedups go to ``benchmark.extra_info``. Besides time and peak
+memory, the bytes each variant keeps for its backward are measured with saved_tensors_hooks
+(numel * element_size, deduplicated by storage): aecore keeps mu and logvar (exp(0.5 logvar) on
+its eager CPU path) and redraws eps from the seed, eager keeps eps, exp(0.5 logvar),
+exp(logvar) and mu. torch.compile's first call is timed apart. On CPU aecore runs its torch
+backend; on CUDA its Triton kernels.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
 from aecore.kernels.reparameterize import reparameterize
-from bench.harness import device, interleaved, quick, record, rounds_for
+from bench.harness import MODES, compiled, device, in_mode, quick, run_case
 
 DEVICE = device()
-SHAPES = [(256, 32), (65536, 128)]
+SHAPES = [(256, 32), (4096, 64), (65536, 128)]
+QUICK_SHAPES = [(256, 32), (65536, 128)]
+# Bytes one call reads and writes: forward mu, logvar -> z (+ kl); backward gz, mu, logvar
+# (+ gkl) -> dmu, dlogvar; fp32.
+PASSES = {"forward": 3, "backward": 5, "full": 8}
 
 
 def eager(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
     return z, kl
-
-
-def ours(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return reparameterize(mu, logvar)
 
 
 def saved_bytes(fn, mu: torch.Tensor, logvar: torch.Tensor) -> int:
@@ -49,40 +48,29 @@ def saved_bytes(fn, mu: torch.Tensor, logvar: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("b,d", SHAPES, ids=[f"{b}x{d}" for b, d in SHAPES])
-def bench_reparameterize_fwd_bwd(benchmark, b, d):
+def bench_reparameterize(benchmark, b, d, mode):
+    if quick() and (b, d) not in QUICK_SHAPES:
+        pytest.skip("--quick runs two sizes")
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(b, d, generator=g).to(DEVICE).requires_grad_()
     logvar = (0.5 * torch.randn(b, d, generator=g)).to(DEVICE).requires_grad_()
-    gz = torch.randn(b, d, generator=g).to(DEVICE)
-    gkl = torch.randn(b, generator=g).to(DEVICE)
-    compiled = torch.compile(eager)
-
-    def step(fn):
-        def run():
-            z, kl = fn(mu, logvar)
-            torch.autograd.backward([z, kl], [gz, gkl])
-            mu.grad = logvar.grad = None
-        return run
-
-    fns = {"aecore": step(ours), "eager": step(eager), "compile": step(compiled)}
-    t0 = time.perf_counter()
-    fns["compile"]()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-
-    disabled = getattr(benchmark, "disabled", False)
-    full = 20 if quick() else (200 if b * d < 100_000 else 40)
-    stats = interleaved(fns, rounds=rounds_for(benchmark, full), warmup=1 if disabled else 5,
-                        device=DEVICE)
-    kept = {"aecore": saved_bytes(ours, mu, logvar), "eager": saved_bytes(eager, mu, logvar)}
-    info = record(benchmark, kernel="reparameterize", case=f"{b}x{d}", mode="fwd+bwd",
-                  stats=stats, size=float(b * d), bytes_moved=float(b * d * 4 * 6),
-                  compile_s=compile_s, device=DEVICE)
+    grads = [torch.randn(b, d, generator=g).to(DEVICE), torch.randn(b, generator=g).to(DEVICE)]
+    comp, compile_s = compiled(("reparameterize", b, d), eager, lambda f: torch.autograd.backward(
+        f(mu, logvar), grads))
+    calls = {"aecore": lambda: reparameterize(mu, logvar), "eager": lambda: eager(mu, logvar),
+             "compile": lambda: comp(mu, logvar)}
+    fns = {name: in_mode(mode, call, (mu, logvar), grads) for name, call in calls.items()}
+    rounds = 20 if quick() else (200 if b * d < 100_000 else 40)
+    info = run_case(benchmark, fns, rounds=rounds, warmup=5, kernel="reparameterize",
+                    case=f"{b}x{d}", mode=mode,
+                    size=float(b * d), bytes_moved=float(b * d * 4 * PASSES[mode]),
+                    compile_s=compile_s)
+    kept = {"aecore": saved_bytes(reparameterize, mu, logvar),
+            "eager": saved_bytes(eager, mu, logvar)}
     benchmark.extra_info["saved_bytes"] = kept
     benchmark.extra_info["saved_ratio_vs_eager"] = kept["aecore"] / kept["eager"]
     print(f"[reparameterize] {b}x{d} saved for backward: aecore={kept['aecore']} B "
           f"eager={kept['eager']} B ratio={kept['aecore'] / kept['eager']:.2f}; "
           f"speedup_vs_eager={info.get('speedup_vs_eager', float('nan')):.2f}")
-    benchmark.pedantic(fns["aecore"], rounds=rounds_for(benchmark, 5), iterations=1)

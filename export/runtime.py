@@ -65,7 +65,9 @@ class Model:
             want = _NP_TYPES.get(spec.type)
             if want is None:
                 raise TypeError(f"input {spec.name!r} has unsupported type {spec.type}")
-            self._specs.append((spec.name, want, np.dtype(want).kind == "f", spec.shape))
+            fixed = tuple((axis, dim) for axis, dim in enumerate(spec.shape)
+                          if isinstance(dim, int))
+            self._specs.append((spec.name, want, np.dtype(want).kind == "f", spec.shape, fixed))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _check(self, arrays: tuple) -> list[np.ndarray]:
@@ -76,7 +78,7 @@ class Model:
         out = []
         # Per-input facts are precomputed in __init__: this runs on every call, and at batch 1
         # its cost is a visible part of the latency.
-        for a, (name, want, is_float, shape) in zip(arrays, self._specs):
+        for a, (name, want, is_float, shape, fixed) in zip(arrays, self._specs):
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if a.dtype.kind not in ("f" if is_float else "iu"):
@@ -85,8 +87,8 @@ class Model:
             if a.ndim != len(shape):
                 raise ValueError(f"input {name!r} must have rank {len(shape)} "
                                  f"(shape {_show(shape)}), got shape {a.shape}")
-            for axis, (got, exp) in enumerate(zip(a.shape, shape)):
-                if isinstance(exp, int) and got != exp:
+            for axis, exp in fixed:
+                if a.shape[axis] != exp:
                     raise ValueError(f"input {name!r} must have shape {_show(shape)}, "
                                      f"got {a.shape} (axis {axis})")
             if a.shape[0] == 0:
@@ -107,24 +109,24 @@ class Model:
             out.append(a)
         return out
 
-    def run_all(self, x, *extra) -> dict[str, np.ndarray]:
-        """Every output for inputs (x, *extra) (B, ...) as {name: array (B, ...)}."""
-        arrays = self._check((x, *extra))
+    def _run(self, names: list[str], arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """session.run over batches of at most max_batch rows, outputs concatenated."""
         n = arrays[0].shape[0]
         if n <= self.max_batch:  # the common case, kept lean: batch-1 latency is tens of us
-            return dict(zip(self.output_names,
-                            self.session.run(self.output_names, dict(zip(self.input_names,
-                                                                         arrays)))))
+            return self.session.run(names, dict(zip(self.input_names, arrays)))
         chunks = []
         for i in range(0, n, self.max_batch):
             feed = {name: a[i:i + self.max_batch] for name, a in zip(self.input_names, arrays)}
-            chunks.append(self.session.run(self.output_names, feed))
-        return {name: np.concatenate([c[j] for c in chunks])
-                for j, name in enumerate(self.output_names)}
+            chunks.append(self.session.run(names, feed))
+        return [np.concatenate([c[j] for c in chunks]) for j in range(len(names))]
+
+    def run_all(self, x, *extra) -> dict[str, np.ndarray]:
+        """Every output for inputs (x, *extra) (B, ...) as {name: array (B, ...)}."""
+        return dict(zip(self.output_names, self._run(self.output_names, self._check((x, *extra)))))
 
     def run(self, x, *extra) -> np.ndarray:
-        """The first output for inputs (x, *extra)."""
-        return self.run_all(x, *extra)[self.output_names[0]]
+        """The first output for inputs (x, *extra); the others are not computed."""
+        return self._run(self.output_names[:1], self._check((x, *extra)))[0]
 
 
 def _show(shape) -> str:

@@ -15,8 +15,9 @@ Noise. eps is a pure function of (seed, flat index of the element in mu's logica
 order), so the backward regenerates it instead of saving it: the op keeps two tensors of mu's
 size (mu and logvar; the eager torch path keeps exp(logvar / 2) in place of logvar) and the
 seed, an int. The Triton path draws eps in-kernel with Philox
-(``tl.randn(seed, index)``); the torch path draws ``torch.randn`` from a torch.Generator seeded
-with ``seed``. Both are deterministic per seed, but they are different streams: the same seed
+(``tl.randn(seed, index)``); the torch path fills streams of EPS_CHUNK elements with
+``torch.randn``, each from a torch.Generator seeded with a 64-bit mix of ``seed`` and the
+stream's index (in parallel threads on a CPU; see ``_torch_eps``). Both are deterministic per seed, but they are different streams: the same seed
 gives different z on the two backends. Without a seed, one is drawn from ``generator``, or from
 torch's default CPU generator, so ``torch.manual_seed`` makes runs repeatable.
 
@@ -150,9 +151,25 @@ def reparameterize_reference(mu: torch.Tensor, logvar: torch.Tensor,
 _LOCAL = threading.local()
 
 
-def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
-    """The torch path's noise: torch.randn from a generator seeded with ``seed``."""
+_MASK64 = 2**64 - 1
+# Elements per independently seeded stream. torch.randn on a CPU is single-threaded; large
+# draws split into streams of this size that threads fill in parallel. The split depends on the
+# size only, so a seed gives the same eps whatever the thread count.
+EPS_CHUNK = 1 << 20
+_POOL: list = []
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """A 64-bit mix (SplitMix64's finalizer) of (seed, stream). CPU generators (mt19937) keep
+    only the low 32 bits of their seed: mixing first makes seeds that differ only above bit 31,
+    and neighbouring streams, draw unrelated noise."""
+    x = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # manual_seed takes [0, 2**63)
+
+
+def _generator(device: torch.device) -> torch.Generator:
     # One generator per thread and device, reseeded on every call: creating one costs more
     # than the seeding, and per-thread objects keep concurrent calls from sharing a stream.
     try:
@@ -162,8 +179,37 @@ def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
     g = gens.get(device)
     if g is None:
         g = gens[device] = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.randn(shape, generator=g, device=device, dtype=dtype)
+    return g
+
+
+def _fill_stream(out: torch.Tensor, seed: int, stream: int) -> None:
+    g = _generator(out.device)
+    g.manual_seed(_stream_seed(seed, stream))
+    torch.randn(out.shape, generator=g, dtype=out.dtype, device=out.device, out=out)
+
+
+def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The torch path's noise: EPS_CHUNK-element streams of torch.randn, each from a generator
+    seeded with a mix of ``seed`` and the stream's index."""
+    if shape.numel() <= EPS_CHUNK:  # one stream, straight into a new tensor
+        g = _generator(device)
+        g.manual_seed(_stream_seed(seed, 0))
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+    eps = torch.empty(shape, device=device, dtype=dtype)
+    chunks = eps.view(-1).split(EPS_CHUNK)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        for i, c in enumerate(chunks):
+            _fill_stream(c, seed, i)
+        return eps
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aecore-eps"))
+    # torch ops release the GIL, so the streams fill in parallel.
+    list(_POOL[0].map(lambda i: _fill_stream(chunks[i], seed, i), range(len(chunks))))
+    return eps
 
 
 def _upcast(t: torch.Tensor, cd: torch.dtype) -> torch.Tensor:

@@ -137,7 +137,8 @@ def vq_nearest_reference(x: torch.Tensor, codebook: torch.Tensor
     (float64 for float64)."""
     cd = _compute_dtype(x.dtype)
     xc, cc = _as(x, cd), _as(codebook, cd)
-    score = (cc * cc).sum(1) - 2.0 * (xc @ cc.t())
+    # One GEMM with the ||c||^2 row folded in (addmm's bias): no extra passes over (N, K).
+    score = torch.addmm((cc * cc).sum(1), xc, cc.t(), alpha=-2.0)
     idx = score.argmin(dim=1)
     dist = (xc - cc[idx]).pow(2).sum(1)
     return idx, dist

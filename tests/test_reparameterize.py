@@ -154,8 +154,10 @@ def test_reference_with_explicit_noise():
     ez, ekl, _, _ = oracle(mu, lv, eps, torch.zeros(8, 5), torch.zeros(8))
     assert_close(z, ez, torch.float32, scale=float(ez.abs().max()))
     assert_close(kl, ekl, torch.float32, k=5, scale=float(ekl.abs().max()))
-    # The torch backend's noise is this reference's eps drawn from the seed.
-    g = torch.Generator().manual_seed(3)
+    # The torch backend's noise is this reference's eps drawn from the seed's first stream.
+    from aecore.kernels.reparameterize import _stream_seed
+
+    g = torch.Generator().manual_seed(_stream_seed(3, 0))
     eps3 = torch.randn(8, 5, generator=g)
     assert torch.equal(noise((8, 5), 3, "torch"), eps3)
     ref = reparameterize_reference(mu, lv, eps3)[0]
@@ -429,3 +431,33 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     assert len(rows) == 2 * len(aot_cases())
     for r in rows:
         assert r["registers"] > 0 and r["spills"] == 0, r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_differing_above_bit_31_draw_different_noise(backend):
+    # CPU generators keep only a seed's low 32 bits; the op must still tell these apart.
+    mu, lv = torch.zeros(4, 8), torch.zeros(4, 8)
+    a = reparameterize(mu, lv, seed=5, backend=backend, return_kl=False)
+    b = reparameterize(mu, lv, seed=5 + 2**32, backend=backend, return_kl=False)
+    assert not torch.equal(a, b)
+
+
+def test_torch_noise_streams_are_independent_and_thread_count_free():
+    from aecore.kernels.reparameterize import EPS_CHUNK, _torch_eps
+
+    n = 2 * EPS_CHUNK + 7
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = _torch_eps(torch.Size([n]), 11, torch.device("cpu"), torch.float32)
+        torch.set_num_threads(2)
+        parallel = _torch_eps(torch.Size([n]), 11, torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+    # The first stream is the whole draw of a small tensor; the streams are not copies.
+    head = _torch_eps(torch.Size([EPS_CHUNK]), 11, torch.device("cpu"), torch.float32)
+    assert torch.equal(serial[:EPS_CHUNK], head)
+    s0, s1 = serial[:EPS_CHUNK], serial[EPS_CHUNK:2 * EPS_CHUNK]
+    assert abs(torch.corrcoef(torch.stack([s0, s1]))[0, 1]) < 0.01
+    assert abs(serial.mean()) < 0.01 and abs(serial.std() - 1) < 0.01
