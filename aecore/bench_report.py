@@ -174,20 +174,25 @@ def plot(results: dict, out: Path) -> list[Path]:
     paths = []
     out.mkdir(parents=True, exist_ok=True)
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        mine = [r for r in rows if r["kernel"] == kernel and r["mode"] == "full"
-                and r.get("size")]
+        sized = [r for r in rows if r["kernel"] == kernel and r.get("size")]
+        # Forward + backward where the kernel has it; forward-only kernels plot their forward.
+        mode = "full" if any(r["mode"] == "full" for r in sized) else "forward"
+        mine = [r for r in sized if r["mode"] == mode]
         if mine:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for variant in dict.fromkeys(v for r in mine for v in r["stats"]):
-                pts = sorted((r["size"], r["stats"][variant]["median"]) for r in mine
-                             if variant in r["stats"])
-                ax.plot(*zip(*pts), marker="o", label=variant)
+            for series in dict.fromkeys(r.get("series") for r in mine):
+                of_series = [r for r in mine if r.get("series") == series]
+                for variant in dict.fromkeys(v for r in of_series for v in r["stats"]):
+                    pts = sorted((r["size"], r["stats"][variant]["median"]) for r in of_series
+                                 if variant in r["stats"])
+                    ax.plot(*zip(*pts), marker="o",
+                            label=variant if series is None else f"{variant}, {series}")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("size (elements of work)")
             ax.set_ylabel("median time (s)")
-            ax.set_title(f"{kernel}: forward + backward")
-            ax.legend()
+            ax.set_title(f"{kernel}: {'forward + backward' if mode == 'full' else 'forward'}")
+            ax.legend(fontsize=6)
             path = out / f"{kernel}_time.png"
             atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
             plt.close(fig)

@@ -41,8 +41,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``epoch`` under ``directory`` and point latest.json at it."""
+                    trainer_state: dict[str, Any], keep: int = 2,
+                    best: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``epoch`` under ``directory`` and point latest.json at it. ``best``:
+    the best weights so far (early stopping restores them, across a resume too)."""
     root = Path(directory)
     folder = root / f"epoch-{epoch:05d}"
     if folder.exists():
@@ -52,6 +54,8 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Mo
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_state(folder / "optimizer.safetensors", opt_tensors)
     save_state(folder / "rng.safetensors", rng)
+    if best is not None:
+        save_state(folder / "best.safetensors", best)
     write_json(folder / "trainer.json", {"epoch": epoch, "optimizer": opt_meta, **trainer_state})
     write_json(root / LATEST, {"checkpoint": folder.name})
     # Older checkpoints go only after the pointer has moved on.
@@ -85,3 +89,9 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state.pop("optimizer")))
     rng = load_file(str(folder / "rng.safetensors"))
     return state, rng
+
+
+def load_best(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The best weights a checkpoint kept for early stopping, or None if it kept none."""
+    path = Path(folder) / "best.safetensors"
+    return load_file(str(path)) if path.is_file() else None

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from aecore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aecore.checkpoint import latest_checkpoint, load_best, load_checkpoint, save_checkpoint
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -172,6 +172,7 @@ class Trainer:
                     torch.cuda.set_rng_state(rng["cuda"])
                 self.history = state["history"]
                 start, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+                best_state = load_best(folder) if self.patience is not None else None
 
         self.model.train()
         for epoch in range(start, self.epochs + 1):
@@ -230,7 +231,8 @@ class Trainer:
             if self.checkpoint_dir is not None and self.rank == 0:
                 save_checkpoint(self.checkpoint_dir, epoch, self.model, self.optimizer,
                                 self._rng_state(shuffle, noise),
-                                {"history": self.history, "best": best, "bad_epochs": bad_epochs})
+                                {"history": self.history, "best": best, "bad_epochs": bad_epochs},
+                                best=best_state)
             if self.patience is not None and bad_epochs >= self.patience:
                 if self.rank == 0 and self.progress:
                     tqdm.write(f"early stopping: val_loss has not improved for {bad_epochs} epochs")

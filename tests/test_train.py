@@ -100,6 +100,27 @@ def test_early_stopping_restores_best(digits):
     assert evaluate(trainer.model, x_val)["loss"] == pytest.approx(best, rel=1e-5)
 
 
+def test_early_stopping_keeps_the_best_weights_across_a_resume(digits, tmp_path):
+    def trainer(epochs, folder, seed=0):
+        return Trainer(_model(seed), lr=0.5, epochs=epochs, patience=3, progress=False,
+                       checkpoint_dir=tmp_path / folder)
+
+    full = trainer(30, "a")
+    hist = full.fit(digits)
+    stop = len(hist)
+    best_epoch = min(hist, key=lambda h: h["val_loss"])["epoch"]
+    assert stop < 30 and best_epoch < stop
+    # Interrupted after the best epoch, before the stop; a fresh process resumes.
+    trainer(best_epoch + 1, "b").fit(digits)
+    resumed = trainer(30, "b", seed=99)
+    def losses(h):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+
+    assert losses(resumed.fit(digits, resume=True)) == losses(hist)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lr must be"):
         Trainer(_model(), lr=0)
