@@ -31,6 +31,7 @@ from aecore.kernels._backend import interpreting
 
 # The op modules whose kernels are compiled; adding an op is one line here.
 OPS = (
+    "aecore.kernels.contractive",
     "aecore.kernels.fused_linear",
     "aecore.kernels.reparameterize",
     "aecore.kernels.sparsity",

@@ -287,10 +287,15 @@ def contractive_penalty_reference(x: torch.Tensor, weights: Sequence[torch.Tenso
 # Every primitive has a Triton and a torch implementation with the same meaning; the algorithm
 # (_forward/_backward) is written once on top of them.
 
+GPU_GEMM_BLOCKS = (64, 64, 16, 8)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps
+
+
 def _gemm_blocks() -> tuple[int, int, int, int]:
     # The interpreter runs programs one after another: moderate tiles so odd test shapes still
-    # span several tiles and K steps. GPUs: 64x64 tiles suit the thin layers of encoders.
-    return (32, 32, 32, 4) if interpreting() else (64, 64, 32, 4)
+    # span several tiles and K steps. GPUs: 64x64 tiles suit the thin layers of encoders; the
+    # fp32 GEMM runs on FMA units with both operand tiles in registers: 4 warps spilled (BLOCK_K
+    # 32: 450-1300 bytes on sm_80; 16: up to 64), 8 warps with BLOCK_K 16 do not (ptxas -v).
+    return (32, 32, 32, 4) if interpreting() else GPU_GEMM_BLOCKS
 
 
 def _mm(a, b, use_triton, *, bias=None, rs=None, gs=None, group=1, ks=None, rowdot=None,
@@ -724,3 +729,64 @@ def contractive_penalty(x: torch.Tensor, weights: Sequence[torch.Tensor],
                       [b is not None for b in biases], act_ids, slope, order,
                       which == "triton", keep)
     return out[0]
+
+
+# --- ahead-of-time compile cases ------------------------------------------------------------------
+
+_GEMM_ARGS = ("a_ptr", "b_ptr", "out_ptr", "pre_ptr", "bias_ptr", "rs_ptr", "gs_ptr", "ks_ptr",
+              "e_ptr", "q_ptr", "M", "N", "K", "R", "stride_am", "stride_ak", "stride_bk",
+              "stride_bn", "stride_em", "stride_en")
+_GEMM_FLAGS = ("HAS_BIAS", "HAS_RS", "HAS_GS", "HAS_KS", "STORE_OUT", "STORE_PRE")
+
+
+def aot_cases() -> list[dict]:
+    """Every kernel this op launches on a GPU (all fp32: inputs are computed in fp32), for
+    ``aecore.kernels.aot``: the GEMM in each role the algorithm gives it (unit strides as the
+    launches have them), the activation and pre-activation-gradient kernels for a piecewise
+    linear and a smooth activation, and the grouped reduction."""
+    bm, bn, bk, warps = GPU_GEMM_BLOCKS
+    gemms = [
+        # (role, flags set, ROWDOT, arguments with unit stride)
+        ("layer", {"HAS_BIAS", "STORE_OUT"}, 0, ("stride_ak", "stride_bk")),  # x @ W^T + b
+        ("chain", {"HAS_GS", "STORE_OUT", "STORE_PRE"}, 0, ("stride_ak", "stride_bn")),
+        ("quadform", {"STORE_OUT"}, 1, ("stride_ak", "stride_bn", "stride_en")),  # q = a.(aG)
+        ("gram_grad", {"HAS_KS", "STORE_OUT"}, 0, ("stride_am", "stride_bn")),  # A^T diag A
+    ]
+    cases = []
+    for role, flags, rowdot, unit in gemms:
+        runtime = [a for a in _GEMM_ARGS if a not in unit]
+        cases.append({
+            "name": f"contractive_gemm_{role}_fp32",
+            "fn": _contractive_gemm_kernel,
+            "signature": {a: "*fp32" if a.endswith("_ptr") else "i32" for a in runtime},
+            "constexprs": {**dict.fromkeys(unit, 1), **{f: f in flags for f in _GEMM_FLAGS},
+                           "ROWDOT": rowdot, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            "divisible": [a for a in runtime if a.endswith("_ptr") or a in ("N", "K")],
+            "num_warps": warps, "num_stages": 3, "gemm": False, "dtype": "fp32",
+        })
+    elementwise = {"z_ptr": "*fp32", "n": "i32", "slope": "fp32"}
+    for act in ("relu", "gelu"):
+        cases.append({
+            "name": f"contractive_act_{act}_fp32", "fn": _contractive_act_kernel,
+            "signature": {**elementwise, "a_ptr": "*fp32", "s_ptr": "*fp32"},
+            "constexprs": {"ACT": activation_id(act), "STORE_A": True, "BLOCK": 1024},
+            "divisible": ["z_ptr", "a_ptr", "s_ptr"],
+            "num_warps": 4, "num_stages": 3, "gemm": False, "dtype": "fp32",
+        })
+        cases.append({
+            "name": f"contractive_bwd_dz_{act}_fp32", "fn": _contractive_bwd_dz_kernel,
+            "signature": {**elementwise, "ds_ptr": "*fp32", "da_ptr": "*fp32", "dz_ptr": "*fp32"},
+            "constexprs": {"ACT": activation_id(act), "HAS_DS": True, "HAS_DA": True,
+                           "BLOCK": 1024},
+            "divisible": ["z_ptr", "ds_ptr", "da_ptr", "dz_ptr"],
+            "num_warps": 4, "num_stages": 3, "gemm": False, "dtype": "fp32",
+        })
+    cases.append({
+        "name": "contractive_groupdot_fp32", "fn": _contractive_groupdot_kernel,
+        "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n_i": "i32",
+                      "N": "i32", "sxg": "i32", "sxi": "i32", "syg": "i32", "syi": "i32"},
+        "constexprs": {"sxn": 1, "syn": 1, "BLOCK_I": 32, "BLOCK_N": 128},
+        "divisible": ["x_ptr", "y_ptr", "out_ptr", "N", "sxi", "syi"],
+        "num_warps": 4, "num_stages": 3, "gemm": False, "dtype": "fp32",
+    })
+    return cases
