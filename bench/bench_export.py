@@ -55,6 +55,7 @@ def bench_ort_vs_eager(benchmark, models, batch, mode):
                  "int8_throughput_over_fp32": int8_throughput_vs_fp32,
                  "int8_size_over_fp32": report["size_ratio"]})
     benchmark.extra_info.update(info)
-    print(f"batch {batch} {mode}: ORT fp32 / eager latency {fp32_vs_eager:.2f}, int8 throughput / fp32 "
-          f"{int8_throughput_vs_fp32:.2f}, int8 file / fp32 {report['size_ratio']:.2f}")
+    print(f"batch {batch} {mode}: ORT fp32 / eager latency {fp32_vs_eager:.2f}, int8 "
+          f"throughput / fp32 {int8_throughput_vs_fp32:.2f}, "
+          f"int8 file / fp32 {report['size_ratio']:.2f}")
     benchmark.pedantic(fns["ort_int8"], rounds=rounds_for(benchmark, 20), iterations=1)

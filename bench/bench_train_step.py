@@ -12,7 +12,7 @@ import torch
 
 from aecore import data as datasets
 from aecore import families
-from bench.harness import device, interleaved, quick, record, rounds_for
+from bench.harness import device, quick, run_case
 
 BATCH = 256
 
@@ -53,8 +53,6 @@ def bench_train_step(benchmark, digits, name):
         compiled()
         compile_s = time.perf_counter() - t0
         fns["compile"] = compiled
-    stats = interleaved(fns, rounds=rounds_for(benchmark, 10 if quick() else 30), device=dev)
     params = sum(p.numel() for p in eager_model.parameters())
-    record(benchmark, kernel="train_step", case=f"{name} B{BATCH}", mode="full", stats=stats,
-           compile_s=compile_s, device=dev, size=params)
-    benchmark.pedantic(fns["aecore"], rounds=rounds_for(benchmark, 5), iterations=1)
+    run_case(benchmark, fns, rounds=10 if quick() else 30, kernel="train_step",
+             case=f"{name} B{BATCH}", mode="full", compile_s=compile_s, size=params)

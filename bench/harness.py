@@ -194,7 +194,8 @@ def record(benchmark, *, kernel: str, case: str, mode: str,
     case's fixed part, e.g. the activation, when its size varies).
     """
     info = {"kernel": kernel, "case": case, "mode": mode, "device": device, "stats": stats,
-            "series": series, "size": size, "flops": flops, "bytes": bytes_moved, "compile_s": compile_s,
+            "series": series, "size": size, "flops": flops, "bytes": bytes_moved,
+            "compile_s": compile_s,
             "peak_bytes": peak_bytes}
     if "aecore" in stats:
         info.update(ratios(stats))
