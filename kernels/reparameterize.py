@@ -156,7 +156,7 @@ _MASK64 = 2**64 - 1
 # Elements per independently seeded stream. torch.randn on a CPU is single-threaded; large
 # draws split into streams of this size that threads fill in parallel. The split depends on the
 # size only, so a seed gives the same eps whatever the thread count.
-EPS_CHUNK = 1 << 20
+EPS_CHUNK = 1 << 16
 _POOL: list = []
 
 

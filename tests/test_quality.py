@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scripts import load_script
 from tolerances import assert_close
 
 from aecore import data as datasets
 from aecore import families
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-_spec = importlib.util.spec_from_file_location("aecore_bench_quality", _PATH)
-quality = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = quality  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(quality)
+quality = load_script("quality")
 
 TINY = dict(data="digits", latent=4, epochs=1, batch_size=32, lr=2e-3, train_size=160,
             test_size=64, seed=0, threads=None)
