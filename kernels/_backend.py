@@ -37,12 +37,14 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
     forward-mode tangent: the custom ops have no rules for those, the reference math does."""
     if torch.compiler.is_compiling():
         return False  # torch.compile traces the custom op itself; these checks aren't traceable
+    # Tangents exist only inside a dual level; outside one, skip unpacking (the eager hot path).
+    dual = torch.autograd.forward_ad._current_level >= 0
     for t in tensors:
         if t is None:
             continue
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True
-        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        if dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
 
