@@ -15,7 +15,7 @@ Noise. eps is a pure function of (seed, flat index of the element in mu's logica
 order), so the backward regenerates it instead of saving it: the op keeps two tensors of mu's
 size (mu and logvar; the eager torch path keeps exp(logvar / 2) in place of logvar) and the
 seed, an int. The Triton path draws eps in-kernel with Philox (``tl.randn(seed, index)``); the
-torch path fills streams of EPS_CHUNK elements with ``torch.randn``, each from a
+torch path fills streams of ``stream_size(n)`` elements with ``torch.randn``, each from a
 torch.Generator seeded with a 64-bit mix of ``seed`` and the stream's index (in parallel
 threads on a CPU; see ``_torch_eps``). Both are deterministic per seed, but they are different
 streams: the same seed gives different z on the two backends. Without a seed, one is drawn
@@ -153,10 +153,18 @@ _LOCAL = threading.local()
 
 
 _MASK64 = 2**64 - 1
-# Elements per independently seeded stream. torch.randn on a CPU is single-threaded; large
-# draws split into streams of this size that threads fill in parallel. The split depends on the
-# size only, so a seed gives the same eps whatever the thread count.
-EPS_CHUNK = 1 << 16
+# torch.randn on a CPU is single-threaded; large draws split into independently seeded streams
+# that threads fill in parallel. A stream's size depends on the draw's size only (never on the
+# thread count): at least MIN_STREAM elements (smaller ones cost more in hand-offs than they
+# save) and at most 16 streams a draw (the per-task cost at large sizes).
+MIN_STREAM = 1 << 16
+
+
+def stream_size(n: int) -> int:
+    """Elements per noise stream for a draw of n elements."""
+    return max(MIN_STREAM, 1 << ((n - 1) // 16).bit_length())
+
+
 _POOL: list = []
 
 
@@ -191,14 +199,15 @@ def _fill_stream(out: torch.Tensor, seed: int, stream: int) -> None:
 
 def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
-    """The torch path's noise: EPS_CHUNK-element streams of torch.randn, each from a generator
+    """The torch path's noise: streams of torch.randn (``stream_size``), each from a generator
     seeded with a mix of ``seed`` and the stream's index."""
-    if shape.numel() <= EPS_CHUNK:  # one stream, straight into a new tensor
+    n = shape.numel()
+    if n <= MIN_STREAM:  # one stream, straight into a new tensor
         g = _generator(device)
         g.manual_seed(_stream_seed(seed, 0))
         return torch.randn(shape, generator=g, device=device, dtype=dtype)
     eps = torch.empty(shape, device=device, dtype=dtype)
-    chunks = eps.view(-1).split(EPS_CHUNK)
+    chunks = eps.view(-1).split(stream_size(n))
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         for i, c in enumerate(chunks):
