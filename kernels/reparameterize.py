@@ -41,6 +41,7 @@ differentiable for torch.compile); eager CPU runs the same math through a lighte
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -165,7 +166,7 @@ def stream_size(n: int) -> int:
     return max(MIN_STREAM, 1 << ((n - 1) // 16).bit_length())
 
 
-_POOL: list = []
+_POOLS: dict = {}  # process id -> thread pool
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -213,12 +214,16 @@ def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
         for i, c in enumerate(chunks):
             _fill_stream(c, seed, i)
         return eps
-    if not _POOL:
+    # One pool per process: a forked child (a DataLoader worker) inherits the parent's pool
+    # object but not its threads, and would wait forever on it.
+    pool = _POOLS.get(os.getpid())
+    if pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aecore-eps"))
+        pool = _POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=threads,
+                                                        thread_name_prefix="aecore-eps")
     # torch ops release the GIL, so the streams fill in parallel.
-    list(_POOL[0].map(lambda i: _fill_stream(chunks[i], seed, i), range(len(chunks))))
+    list(pool.map(lambda i: _fill_stream(chunks[i], seed, i), range(len(chunks))))
     return eps
 
 

@@ -461,3 +461,22 @@ def test_torch_noise_streams_are_independent_and_thread_count_free():
     s0, s1 = serial[:MIN_STREAM], serial[MIN_STREAM:2 * MIN_STREAM]
     assert abs(torch.corrcoef(torch.stack([s0, s1]))[0, 1]) < 0.02
     assert abs(serial.mean()) < 0.01 and abs(serial.std() - 1) < 0.01
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_noise_streams_after_fork_do_not_hang():
+    # A forked child inherits the parent's thread-pool object but not its threads; the noise
+    # streams must still fill there. (torch's own OpenMP ops are not safe after a fork, which
+    # is why DataLoader workers run one thread; the draw itself is.)
+    code = ("import os, sys, torch\n"
+            "from aecore.kernels.reparameterize import MIN_STREAM, _torch_eps\n"
+            "torch.set_num_threads(2)\n"
+            "draw = lambda: _torch_eps(torch.Size([4 * MIN_STREAM]), 1, torch.device('cpu'), "
+            "torch.float32)\n"
+            "parent = draw()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os._exit(0 if torch.equal(draw(), parent) else 3)\n"
+            "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == 0
