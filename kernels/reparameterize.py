@@ -14,8 +14,8 @@ and the backward, from grad_z (..., D) and grad_kl (...)::
 Noise. eps is a pure function of (seed, flat index of the element in mu's logical row-major
 order; on the torch path also mu's size), so the backward regenerates it instead of saving
 it: the op keeps two tensors of mu's size (mu and logvar; the eager torch path keeps
-exp(logvar / 2) in place of logvar) and the seed, an int. The Triton path draws eps in-kernel with Philox (``tl.randn(seed, index)``); the
-torch path fills streams of ``stream_size(n)`` elements with ``torch.randn``, each from a
+exp(logvar / 2) in place of logvar) and the seed, an int. The Triton path draws eps in-kernel
+with Philox (``tl.randn(seed, index)``); the torch path fills streams of ``stream_size(n)`` elements with ``torch.randn``, each from a
 torch.Generator seeded with a 64-bit mix of ``seed`` and the stream's index (in parallel
 threads on a CPU; see ``_torch_eps``). Both are deterministic per seed, but they are different
 streams: the same seed gives different z on the two backends. Without a seed, one is drawn
