@@ -12,15 +12,15 @@ and the backward, from grad_z (..., D) and grad_kl (...)::
     dlv = 1/2 * grad_z * exp(lv / 2) * eps + 1/2 * grad_kl * (exp(lv) - 1)
 
 Noise. eps is a pure function of (seed, flat index of the element in mu's logical row-major
-order; on the torch path also mu's size), so the backward regenerates it instead of saving
-it: the op keeps two tensors of mu's size (mu and logvar; the eager torch path keeps
-exp(logvar / 2) in place of logvar) and the seed, an int. The Triton path draws eps in-kernel
-with Philox (``tl.randn(seed, index)``); the torch path fills streams of ``stream_size(n)`` elements with ``torch.randn``, each from a
-torch.Generator seeded with a 64-bit mix of ``seed`` and the stream's index (in parallel
-threads on a CPU; see ``_torch_eps``). Both are deterministic per seed, but they are different
-streams: the same seed gives different z on the two backends. Without a seed, one is drawn
-from ``generator``, or from torch's default CPU generator, so ``torch.manual_seed`` makes runs
-repeatable.
+order; on the torch path also mu's size), so the backward regenerates it instead of saving it:
+the op keeps two tensors of mu's size (mu and logvar; the eager torch path keeps exp(logvar / 2)
+in place of logvar) and the seed, an int. The Triton path draws eps in-kernel with Philox
+(``tl.randn(seed, index)``); the torch path fills streams of ``stream_size(n)`` elements with
+``torch.randn``, each from a torch.Generator seeded with a 64-bit mix of ``seed`` and the
+stream's index (in parallel threads on a CPU; see ``_torch_eps``). Both are deterministic per
+seed, but they are different streams: the same seed gives different z on the two backends.
+Without a seed, one is drawn from ``generator``, or from torch's default CPU generator, so
+``torch.manual_seed`` makes runs repeatable.
 
 Extremes. logvar is clamped into [LOGVAR_MIN, LOGVAR_MAX] = [-30, 10]: the upper bound keeps
 z (std <= e^5 ~ 148, times |eps| <= 5.7), exp(lv) and both gradients finite in float16 as well;
