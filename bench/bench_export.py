@@ -42,9 +42,8 @@ def bench_ort_vs_eager(benchmark, models, batch, mode):
             return model(xt)
 
     fns = {"eager": eager, "ort_fp32": lambda: fp32.run(x), "ort_int8": lambda: int8.run(x)}
-    inner = 20 if mode == "steady" and batch == 1 else 1
-    if mode == "steady" and batch > 1:
-        inner = 4
+    # Steady: back-to-back calls per turn (fewer at batch 256, where one call takes ms).
+    inner = 1 if mode == "alternating" else (20 if batch == 1 else 4)
     rounds = (30 if quick() else 200) // inner + 5
     stats = interleaved(fns, rounds=rounds_for(benchmark, rounds), inner=inner)
     info = record(benchmark, kernel="onnx_runtime", case=f"784-512-128-32 batch {batch}",
