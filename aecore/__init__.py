@@ -17,6 +17,7 @@ _EXPORTS = {
     "ConvAutoEncoder": "aecore.conv",
     "SparseAutoEncoder": "aecore.sparse",
     "ContractiveAutoEncoder": "aecore.contractive",
+    "GeometryAutoEncoder": "aecore.geometry",
     "VQVAE": "aecore.vqvae",
     "VAE": "aecore.vae",
     "ConditionalVAE": "aecore.vae",
@@ -29,11 +30,12 @@ _EXPORTS = {
     "load_model": "aecore.io",
     "Normalization": "aecore.normalization",
 }
-_SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families")
+_SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families",
+               "geometry")
 # Modules that register model families when imported.
 FAMILY_MODULES = (
     "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive", "aecore.vqvae",
-    "aecore.vae",
+    "aecore.vae", "aecore.geometry",
 )
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])

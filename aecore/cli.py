@@ -27,7 +27,15 @@ def _cmd_train(args) -> int:
     import torch
 
     from aecore import data as datasets
-    from aecore.families import DEFAULT_CORRUPTION, IMAGE_INPUT, USES_LABELS, Sizes, build
+    from aecore.families import (
+        DEFAULT_CORRUPTION,
+        IMAGE_INPUT,
+        USES_LABELS,
+        Sizes,
+        build,
+        default_epochs,
+        train_targets,
+    )
     from aecore.io import save_model
     from aecore.plots import plot_history
     from aecore.train import Trainer, TrainingDiverged, init_distributed
@@ -42,7 +50,7 @@ def _cmd_train(args) -> int:
     model = build(args.model, data, sizes)
     flat = args.model not in IMAGE_INPUT
     x = data.inputs("train", flat=flat)
-    y = data.labels("train") if args.model in USES_LABELS else None
+    y = train_targets(args.model, data, x, model.latent_dim, seed=args.seed)
     spec = args.corruption or DEFAULT_CORRUPTION.get(args.model)
     corruption = None
     if spec:
@@ -50,7 +58,9 @@ def _cmd_train(args) -> int:
 
         corruption = parse_corruption(spec)
     out = Path(args.out)
-    trainer = Trainer(model, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+    epochs = args.epochs if args.epochs is not None else default_epochs(
+        round(len(x) * (1 - args.val_fraction)), args.batch_size)
+    trainer = Trainer(model, lr=args.lr, batch_size=args.batch_size, epochs=epochs,
                       val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
                       corruption=corruption, amp=args.amp, progress=not args.quiet,
                       checkpoint_dir=out / "checkpoints")
@@ -67,7 +77,9 @@ def _cmd_train(args) -> int:
     from aecore.train import evaluate
 
     x_test = data.inputs("test", flat=flat)
-    test = evaluate(model, x_test, data.labels("test") if y is not None else None)
+    # Targets exist for the training set only: a geometry model is scored on reconstruction.
+    labelled = args.model in USES_LABELS
+    test = evaluate(model, x_test, data.labels("test") if labelled else None)
     if corruption is not None:
         from aecore.corruption import denoise_report
 
@@ -148,14 +160,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, digits, swiss-roll or a .npy/.csv path")
     t.add_argument("--data-root", default=None)
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=None,
+                   help="default: 10, more on small data sets (at least 1500 steps)")
     t.add_argument("--out", required=True)
     t.add_argument("--hidden", type=_ints, default=None, help="hidden sizes, e.g. 512,128")
     t.add_argument("--latent", type=int, default=None)
     t.add_argument("--channels", type=_ints, default=None, help="conv channels, e.g. 32,64")
-    t.add_argument("--activation", default="relu")
+    t.add_argument("--activation", default=None,
+                   help="hidden activation (default: relu; silu for 3-D data such as the swiss "
+                        "roll)")
     t.add_argument("--weight", type=float, default=None,
-                   help="the family's penalty weight (cae: lambda, beta-vae: beta, sparse-ae)")
+                   help="the family's penalty weight (cae, grae: lambda; beta-vae: beta; "
+                        "sparse-ae)")
     t.add_argument("--corruption", default=None,
                    help="denoising: gaussian:SIGMA, mask:FRACTION or saltpepper:FRACTION")
     t.add_argument("--lr", type=float, default=1e-3)

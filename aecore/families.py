@@ -18,14 +18,28 @@ class Sizes:
 
     hidden: list[int] | None = None
     latent: int | None = None
-    activation: str = "relu"
+    activation: str | None = None
     channels: list[int] | None = None
     weight: float | None = None  # the family's penalty weight (lam, beta, sparsity weight)
 
 
 def default_hidden(data: Dataset) -> list[int]:
     d = data.input_dim
+    if d <= 3:  # low-dimensional manifolds (the swiss roll): a smooth chart needs some depth
+        return [128, 128]
     return [512, 128] if d >= 512 else [max(4 * d, 32)] if d < 16 else [max(d // 2, 16)]
+
+
+def default_activation(data: Dataset) -> str:
+    # silu for low-dimensional data: relu charts of a curved 2-D sheet come out piecewise flat.
+    return "silu" if data.input_dim <= 3 else "relu"
+
+
+def default_epochs(n_train: int, batch_size: int, min_steps: int = 1500) -> int:
+    """10 epochs, or more on small data sets so that training runs at least ``min_steps``
+    optimizer steps (the swiss roll's 3200 points make 25 batches of 128 an epoch)."""
+    steps = max(1, -(-n_train // batch_size))
+    return max(10, -(-min_steps // steps))
 
 
 def default_latent(data: Dataset) -> int:
@@ -35,7 +49,8 @@ def default_latent(data: Dataset) -> int:
 
 def _mlp_kwargs(data: Dataset, s: Sizes) -> dict:
     return {"input_dim": data.input_dim, "hidden_dims": s.hidden or default_hidden(data),
-            "latent_dim": s.latent or default_latent(data), "activation": s.activation}
+            "latent_dim": s.latent or default_latent(data),
+            "activation": s.activation or default_activation(data)}
 
 
 def _ae(data: Dataset, s: Sizes, **kw):
@@ -49,7 +64,8 @@ def _conv_ae(data: Dataset, s: Sizes):
     from aecore.conv import ConvAutoEncoder
 
     return ConvAutoEncoder(data.sample_shape, channels=s.channels or [32, 64],
-                           latent_dim=s.latent or default_latent(data), activation=s.activation)
+                           latent_dim=s.latent or default_latent(data),
+                           activation=s.activation or default_activation(data))
 
 
 def _sparse_ae(data: Dataset, s: Sizes, sparsity: str):
@@ -60,12 +76,17 @@ def _sparse_ae(data: Dataset, s: Sizes, sparsity: str):
                              weight=s.weight)
 
 
+def _weighted(cls: type, data: Dataset, s: Sizes):
+    """An MLP family whose penalty weight is its ``lam`` argument."""
+    out = "sigmoid" if data.is_image else "identity"
+    lam = {} if s.weight is None else {"lam": s.weight}
+    return cls(**_mlp_kwargs(data, s), output_activation=out, **lam)
+
+
 def _cae(data: Dataset, s: Sizes):
     from aecore.contractive import ContractiveAutoEncoder
 
-    out = "sigmoid" if data.is_image else "identity"
-    lam = {} if s.weight is None else {"lam": s.weight}
-    return ContractiveAutoEncoder(**_mlp_kwargs(data, s), output_activation=out, **lam)
+    return _weighted(ContractiveAutoEncoder, data, s)
 
 
 def _vq_vae(data: Dataset, s: Sizes):
@@ -75,8 +96,15 @@ def _vq_vae(data: Dataset, s: Sizes):
     # (7 bits each): latent size L gives L / 8 vectors.
     latent = s.latent or default_latent(data)
     return VQVAE(data.input_dim, s.hidden or default_hidden(data), num_latents=max(latent // 8, 1),
-                 code_dim=8, num_codes=128, activation=s.activation, ema=True, dead_after=100,
+                 code_dim=8, num_codes=128, activation=s.activation or default_activation(data),
+                 ema=True, dead_after=100,
                  **({} if s.weight is None else {"beta": s.weight}))
+
+
+def _grae(data: Dataset, s: Sizes):
+    from aecore.geometry import GeometryAutoEncoder
+
+    return _weighted(GeometryAutoEncoder, data, s)
 
 
 def _vae(data: Dataset, s: Sizes, beta: float = 1.0, conditional: bool = False):
@@ -97,6 +125,7 @@ BUILDERS: dict[str, Callable] = {
     "dae": _ae,
     "conv-ae": _conv_ae,
     "cae": _cae,
+    "grae": _grae,
     "vq-vae": _vq_vae,
     "vae": _vae,
     "beta-vae": lambda data, s: _vae(data, s, beta=4.0),
@@ -109,8 +138,23 @@ BUILDERS: dict[str, Callable] = {
 IMAGE_INPUT: set[str] = {"conv-ae"}
 # Families whose training uses the labels (conditional models).
 USES_LABELS: set[str] = {"cvae"}
+# Families trained towards a manifold embedding of their training inputs (the targets y).
+USES_EMBEDDING: set[str] = {"grae"}
 # Families trained on corrupted inputs by default (the corruption spec; --corruption overrides).
 DEFAULT_CORRUPTION: dict[str, str] = {"dae": "gaussian:0.3"}
+
+
+def train_targets(name: str, data: Dataset, x, latent_dim: int, seed: int = 0):
+    """What family ``name`` trains towards besides its inputs ``x`` (the first len(x) inputs
+    of the training split): class labels (conditional models), a manifold embedding of x
+    (geometry models, :func:`aecore.geometry.manifold_embedding`), or None."""
+    if name in USES_LABELS:
+        return data.labels("train")[:len(x)]
+    if name in USES_EMBEDDING:
+        from aecore.geometry import manifold_embedding
+
+        return manifold_embedding(x, latent_dim, seed=seed)
+    return None
 
 
 def build(name: str, data: Dataset, sizes: Sizes | None = None):

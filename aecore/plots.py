@@ -85,6 +85,7 @@ def plot_latent_2d(z: np.ndarray, path: str | os.PathLike, color: np.ndarray | N
         raise ValueError(f"z must have shape (N, 2) to plot a 2-D latent space, got {z.shape}")
     fig, ax = plt.subplots(figsize=(5, 5))
     sc = ax.scatter(z[:, 0], z[:, 1], c=color, s=4, cmap="viridis")
+    ax.set_aspect("equal", adjustable="datalim")  # distances in the plot are distances in z
     if color is not None:
         fig.colorbar(sc, ax=ax)
     ax.set_title(title)

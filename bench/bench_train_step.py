@@ -29,8 +29,8 @@ def bench_train_step(benchmark, digits, name):
     torch.manual_seed(0)
     flat = name not in families.IMAGE_INPUT
     x = torch.from_numpy(digits.inputs("train", flat=flat)[:BATCH]).to(dev)
-    y = torch.from_numpy(digits.labels("train")[:BATCH]).to(dev)
-    y = y if name in families.USES_LABELS else None
+    y = families.train_targets(name, digits, x.cpu().numpy(), sizes.latent)
+    y = None if y is None else torch.from_numpy(y).to(dev)
 
     def stepper(loss_fn, model):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)

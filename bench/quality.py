@@ -149,7 +149,7 @@ def train_family(name: str, data: datasets.Dataset, s: Settings) -> tuple[torch.
     flat = name not in families.IMAGE_INPUT
     labels = name in families.USES_LABELS
     x_train = data.inputs("train", flat=flat)
-    y_train = data.labels("train") if labels else None
+    y_train = families.train_targets(name, data, x_train, model.latent_dim, seed=s.seed)
     spec = families.DEFAULT_CORRUPTION.get(name)
     trainer = Trainer(model, lr=s.lr, batch_size=s.batch_size, epochs=s.epochs,
                       val_fraction=0.0, seed=s.seed, device="cpu", progress=False,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -67,7 +68,8 @@ class Model:
                 raise TypeError(f"input {spec.name!r} has unsupported type {spec.type}")
             fixed = tuple((axis, dim) for axis, dim in enumerate(spec.shape)
                           if isinstance(dim, int))
-            self._specs.append((spec.name, want, np.dtype(want).kind == "f", spec.shape, fixed))
+            want = np.dtype(want)
+            self._specs.append((spec.name, want, want.kind == "f", spec.shape, fixed))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _check(self, arrays: tuple) -> list[np.ndarray]:
@@ -82,7 +84,7 @@ class Model:
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if a.dtype.kind not in ("f" if is_float else "iu"):
-                raise TypeError(f"input {name!r} must be a {np.dtype(want).name} array, "
+                raise TypeError(f"input {name!r} must be a {want.name} array, "
                                 f"got dtype {a.dtype}")
             if a.ndim != len(shape):
                 raise ValueError(f"input {name!r} must have rank {len(shape)} "
@@ -96,10 +98,11 @@ class Model:
             if out and a.shape[0] != out[0].shape[0]:
                 raise ValueError(f"input {name!r} has batch {a.shape[0]}, but "
                                  f"{self.inputs[0].name!r} has {out[0].shape[0]}")
-            a = np.ascontiguousarray(a, dtype=want)
+            if a.dtype != want or not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a, dtype=want)
             # One reduction finds NaN/Inf (a sum of finite values is finite unless it
             # overflows; only then is every element checked).
-            if is_float and not np.isfinite(a.sum()) and not np.all(np.isfinite(a)):
+            if is_float and not math.isfinite(a.sum()) and not np.isfinite(a).all():
                 raise ValueError(f"input {name!r} contains NaN or Inf")
             # An out-of-range class id one-hot encodes to zeros in the graph: a silent wrong
             # answer, so it is caught here.

@@ -23,8 +23,8 @@ def _small(name):
     return families.build(name, digits, sizes)
 
 
-FAMILIES = [f for f in ("ae", "tied-ae", "cae", "conv-ae", "sparse-ae", "vae", "cvae", "vq-vae")
-            if f in families.BUILDERS]
+FAMILIES = [f for f in ("ae", "tied-ae", "cae", "grae", "conv-ae", "sparse-ae", "vae", "cvae",
+                         "vq-vae") if f in families.BUILDERS]
 
 
 def _parts(model):

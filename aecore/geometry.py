@@ -1,0 +1,98 @@
+"""Geometry-regularized autoencoders: codes pulled towards a manifold learner's embedding.
+
+A plain autoencoder's loss is the same for every chart of the data manifold that its decoder
+can invert, so on a swiss roll it settles on folded or torn codes about as often as on the
+unrolled sheet. Following Duque et al., "Geometry Regularized Autoencoders" (IEEE TPAMI 2022),
+the encoder is trained to reconstruct *and* to stay close to a precomputed embedding of the
+training set (Isomap here: geodesic distances over a k-nearest-neighbour graph):
+
+    loss = mean ||x - g(f(x))||^2 + lam * mean ||f(x) - e(x)||^2
+
+The model keeps what Isomap lacks: a parametric encoder for new points and a decoder back to
+the input space, both plain MLPs (they export like any :class:`AutoEncoder`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aecore.autoencoder import AutoEncoder
+from aecore.registry import register
+
+# Isomap's shortest paths and eigendecomposition grow as N^2 in memory: larger sets are
+# embedded by fitting on a random subset of this many points and mapping the rest through
+# Isomap's out-of-sample transform.
+MAX_FIT = 5000
+
+
+def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int = 0,
+                       max_fit: int = MAX_FIT) -> np.ndarray:
+    """Isomap embedding of x (N, F) into (N, dim) float32, centred and scaled to unit overall
+    standard deviation (one scale for every axis, so the embedding keeps its shape)."""
+    from sklearn.manifold import Isomap
+
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
+    if len(x) <= max(n_neighbors, dim):
+        raise ValueError(f"x must have more than max(n_neighbors, dim) = "
+                         f"{max(n_neighbors, dim)} rows for an embedding, got {len(x)}")
+    iso = Isomap(n_neighbors=n_neighbors, n_components=dim)
+    if len(x) > max_fit:
+        fit = np.random.default_rng(seed).choice(len(x), max_fit, replace=False)
+        iso.fit(x[fit])
+        e = iso.transform(x)
+    else:
+        e = iso.fit_transform(x)
+    e = e - e.mean(axis=0)
+    return (e / max(float(e.std()), 1e-12)).astype(np.float32)
+
+
+@register
+class GeometryAutoEncoder(AutoEncoder):
+    """MLP autoencoder whose codes follow a target embedding: loss = mse + lam * mean
+    ||encode(x) - y||^2, with y (B, latent_dim) the targets of the batch (see
+    :func:`manifold_embedding`). (B, input_dim) -> (B, input_dim).
+
+    Training needs the targets; in eval mode without them the loss is the reconstruction alone.
+    """
+
+    family = "grae"
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (256,), latent_dim: int = 2,
+                 activation: str = "silu", tied: bool = False,
+                 output_activation: str = "identity", latent_activation: str = "identity",
+                 lam: float = 1.0):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
+                or not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
+                         output_activation, latent_activation)
+        self.lam = float(lam)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "lam": self.lam}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
+             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        target = x if target is None else target
+        z = self.encoder(x)
+        mse = (self.decoder(z) - target).pow(2).mean()
+        if y is None:
+            if self.training:
+                raise ValueError("GeometryAutoEncoder trains on target embeddings: pass y "
+                                 f"(batch, {self.latent_dim}), e.g. "
+                                 "aecore.geometry.manifold_embedding(x, latent_dim)")
+            return {"loss": mse, "mse": mse}
+        if tuple(y.shape) != tuple(z.shape):
+            raise ValueError(f"y must have shape (batch, latent_dim) = {tuple(z.shape)}, "
+                             f"got {tuple(y.shape)}")
+        geometry = (z - y.to(z.dtype)).pow(2).mean()
+        return {"loss": mse + self.lam * geometry, "mse": mse, "geometry": geometry}
