@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -133,3 +134,25 @@ class AutoEncoder(AutoEncoderBase):
         target = x if target is None else target
         mse = (self(x) - target).pow(2).mean()
         return {"loss": mse, "mse": mse}
+
+
+class PenalizedAutoEncoder(AutoEncoder):
+    """Base of the MLP autoencoders whose loss adds ``lam`` times a penalty of their own;
+    ``lam=None`` takes the family's ``default_lam``."""
+
+    default_lam: ClassVar[float] = 1.0
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (256,), latent_dim: int = 32,
+                 activation: str = "relu", tied: bool = False,
+                 output_activation: str = "identity", latent_activation: str = "identity",
+                 lam: float | None = None):
+        lam = self.default_lam if lam is None else lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
+                or not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
+                         output_activation, latent_activation)
+        self.lam = float(lam)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "lam": self.lam}

@@ -8,14 +8,12 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from aecore.autoencoder import AutoEncoder, Encoder
+from aecore.autoencoder import Encoder, PenalizedAutoEncoder
 from aecore.kernels.contractive import contractive_penalty
 from aecore.layers import FusedLinear
 from aecore.registry import register
@@ -113,26 +111,13 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 @register
-class ContractiveAutoEncoder(AutoEncoder):
+class ContractiveAutoEncoder(PenalizedAutoEncoder):
     """MLP autoencoder whose encoder is trained to be locally flat: loss = mse + lam * mean_b
     ||J_f(x_b)||_F^2, the penalty exact (fused op). (B, input_dim) -> (B, input_dim).
     """
 
     family = "cae"
-
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (256,), latent_dim: int = 32,
-                 activation: str = "relu", tied: bool = False,
-                 output_activation: str = "identity", latent_activation: str = "identity",
-                 lam: float = DEFAULT_LAM):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
-                or not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
-                         output_activation, latent_activation)
-        self.lam = float(lam)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "lam": self.lam}
+    default_lam = DEFAULT_LAM
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -14,14 +14,10 @@ the input space, both plain MLPs (they export like any :class:`AutoEncoder`).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 import torch
 
-from aecore.autoencoder import AutoEncoder
+from aecore.autoencoder import PenalizedAutoEncoder
 from aecore.registry import register
 
 # Isomap's shortest paths and eigendecomposition grow as N^2 in memory: larger sets are
@@ -56,7 +52,7 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
 
 
 @register
-class GeometryAutoEncoder(AutoEncoder):
+class GeometryAutoEncoder(PenalizedAutoEncoder):
     """MLP autoencoder whose codes follow a target embedding: loss = mse + lam * mean
     ||encode(x) - y||^2, with y (B, latent_dim) the targets of the batch (see
     :func:`manifold_embedding`). (B, input_dim) -> (B, input_dim).
@@ -65,20 +61,6 @@ class GeometryAutoEncoder(AutoEncoder):
     """
 
     family = "grae"
-
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (256,), latent_dim: int = 2,
-                 activation: str = "silu", tied: bool = False,
-                 output_activation: str = "identity", latent_activation: str = "identity",
-                 lam: float = 1.0):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
-                or not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
-                         output_activation, latent_activation)
-        self.lam = float(lam)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "lam": self.lam}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
