@@ -24,6 +24,7 @@ from aecore.registry import register
 # embedded by fitting on a random subset of this many points and mapping the rest through
 # Isomap's out-of-sample transform.
 MAX_FIT = 5000
+_CHUNK = 4096
 
 
 def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int = 0,
@@ -44,7 +45,8 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
     if len(x) > max_fit:
         fit = np.random.default_rng(seed).choice(len(x), max_fit, replace=False)
         iso.fit(x[fit])
-        e = iso.transform(x)
+        # transform holds a (rows, max_fit) float64 geodesic matrix: chunks bound its memory.
+        e = np.concatenate([iso.transform(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
     else:
         e = iso.fit_transform(x)
     e = e - e.mean(axis=0)
