@@ -37,7 +37,8 @@ def default_activation(data: Dataset) -> str:
 
 def default_epochs(n_train: int, batch_size: int, min_steps: int = 1500) -> int:
     """10 epochs, or more on small data sets so that training runs at least ``min_steps``
-    optimizer steps (the swiss roll's 3200 points make 25 batches of 128 an epoch)."""
+    optimizer steps (the swiss roll's 2880 training points make 23 batches of 128 an epoch,
+    so 66 epochs)."""
     steps = max(1, -(-n_train // batch_size))
     return max(10, -(-min_steps // steps))
 
