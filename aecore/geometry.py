@@ -1,10 +1,11 @@
 """Geometry-regularized autoencoders: codes pulled towards a manifold learner's embedding.
 
-A plain autoencoder's loss is the same for every chart of the data manifold that its decoder
-can invert, so on a swiss roll it settles on folded or torn codes about as often as on the
-unrolled sheet. Following Duque et al., "Geometry Regularized Autoencoders" (IEEE TPAMI 2022),
-the encoder is trained to reconstruct *and* to stay close to a precomputed embedding of the
-training set (Isomap here: geodesic distances over a k-nearest-neighbour graph):
+A plain autoencoder's loss does not prefer the unrolled chart of a data manifold to a folded or
+torn one that its decoder can invert as well, and on the swiss roll training ends folded (see
+the README's swiss-roll table). Following Duque et al., "Geometry Regularized Autoencoders"
+(IEEE TPAMI 2022), the encoder is trained to reconstruct *and* to stay close to a precomputed
+embedding of the training set (Isomap here: geodesic distances over a k-nearest-neighbour
+graph):
 
     loss = mean ||x - g(f(x))||^2 + lam * mean ||f(x) - e(x)||^2
 
@@ -38,6 +39,9 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
+    if isinstance(max_fit, bool) or not isinstance(max_fit, int) or max_fit <= n_neighbors:
+        raise ValueError(f"max_fit must be an int above n_neighbors ({n_neighbors}), "
+                         f"got {max_fit!r}")
     if len(x) <= max(n_neighbors, dim):
         raise ValueError(f"x must have more than max(n_neighbors, dim) = "
                          f"{max(n_neighbors, dim)} rows for an embedding, got {len(x)}")

@@ -46,6 +46,7 @@ def test_embedding_of_large_sets_fits_a_subset_and_maps_the_rest(roll, monkeypat
 @pytest.mark.parametrize("kwargs,match", [
     ({"dim": 0}, "dim must be a positive int"),
     ({"dim": 2, "n_neighbors": 0}, "n_neighbors must be a positive int"),
+    ({"dim": 2, "max_fit": 10}, r"max_fit must be an int above n_neighbors \(10\)"),
 ])
 def test_embedding_rejects_bad_arguments(roll, kwargs, match):
     with pytest.raises(ValueError, match=match):
