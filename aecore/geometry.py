@@ -45,7 +45,9 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
     if len(x) <= max(n_neighbors, dim):
         raise ValueError(f"x must have more than max(n_neighbors, dim) = "
                          f"{max(n_neighbors, dim)} rows for an embedding, got {len(x)}")
-    iso = Isomap(n_neighbors=n_neighbors, n_components=dim)
+    # The dense eigensolver: ARPACK (sklearn's choice for few components) starts from a random
+    # vector, so the same data and seed would not give the same targets twice.
+    iso = Isomap(n_neighbors=n_neighbors, n_components=dim, eigen_solver="dense")
     if len(x) > max_fit:
         fit = np.random.default_rng(seed).choice(len(x), max_fit, replace=False)
         iso.fit(x[fit])
