@@ -34,7 +34,12 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
     standard deviation (one scale for every axis, so the embedding keeps its shape)."""
     from sklearn.manifold import Isomap
 
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 2:
+        raise ValueError(f"x must be a batch (N, F) or (N, ...), got shape {x.shape}")
+    x = x.reshape(len(x), -1)
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:

@@ -54,9 +54,15 @@ def test_embedding_rejects_bad_arguments(roll, kwargs, match):
         manifold_embedding(roll.inputs("train"), **kwargs)
 
 
-def test_embedding_needs_more_rows_than_neighbours():
+def test_embedding_rejects_bad_inputs():
     with pytest.raises(ValueError, match="more than max"):
         manifold_embedding(np.zeros((5, 3), np.float32), 2, n_neighbors=10)
+    with pytest.raises(ValueError, match=r"x must be a batch \(N, F\)"):
+        manifold_embedding(np.zeros(5, np.float32), 2)
+    bad = np.random.default_rng(0).random((50, 3)).astype(np.float32)
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        manifold_embedding(bad, 2)
 
 
 def test_loss_is_reconstruction_plus_weighted_distance_to_targets():
@@ -96,7 +102,7 @@ def test_swiss_roll_defaults_train_long_enough():
     assert families.default_epochs(54000, 128) == 10  # Fashion-MNIST keeps 10 epochs
 
 
-def test_cli_trains_a_geometry_model_that_unrolls_the_swiss_roll(tmp_path, capsys):
+def test_cli_trains_a_geometry_model_that_unrolls_the_swiss_roll(tmp_path):
     out = tmp_path / "grae"
     assert main(["train", "--model", "grae", "--data", "swiss-roll", "--out", str(out),
                  "--quiet"]) == 0
