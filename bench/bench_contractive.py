@@ -3,7 +3,9 @@ the penalty from torch.func.vmap(torch.func.jacrev(encoder)) and torch.compile o
 d = 784, in forward, backward and full modes at B = 256, and in full mode over a batch sweep.
 Time and peak-memory ratios come from one interleaved run (never asserted); peak memory is
 bench/harness.py's ``peak_bytes`` (inputs and parameters are common to all variants and not
-counted).
+counted). In full mode each case also counts the FLOPs of one forward + backward of aecore and
+of vmap(jacrev) with torch.profiler (``with_flops``: every matrix product, inside the custom op
+too): their ratio is the speed-up an exact method at equal efficiency would show.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from aecore.kernels._activations import act_torch
 from aecore.kernels.contractive import contractive_penalty, plan
@@ -49,6 +52,14 @@ def _jacrev_penalty(x, ws, bs, acts):
     return torch.func.vmap(torch.func.jacrev(f))(x).pow(2).sum(dim=(1, 2))
 
 
+def counted_flops(fn) -> float:
+    """FLOPs of one call of ``fn`` as torch.profiler counts them (matrix products and
+    elementwise multiplies and adds, the ATen ops it has formulas for)."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    return float(sum(e.flops for e in prof.key_averages()))
+
+
 @pytest.mark.parametrize("name,dims,acts,mode,batch", RUNS,
                          ids=[f"{r[0]}-{r[3]}-B{r[4]}" for r in RUNS])
 def bench_contractive(benchmark, name, dims, acts, mode, batch):
@@ -82,7 +93,15 @@ def bench_contractive(benchmark, name, dims, acts, mode, batch):
                     case=f"B{batch}-{name}", series=name, mode=mode, size=batch * dims[0],
                     compile_s=compile_s)
     info["order"] = plan(batch, dims)
+    if mode == "full":
+        # vmap(jacrev)'s one-layer case costs ~20 s and 5 GB a call: count aecore's alone there.
+        counted = ["aecore"] if slow else ["aecore", "jacrev"]
+        flops = {k: counted_flops(fns[k]) for k in counted}
+        info["counted_flops"] = flops
+        if "jacrev" in flops:
+            info["flop_ratio_vs_jacrev"] = flops["jacrev"] / flops["aecore"]
     info["compile_error"] = compile_error
     benchmark.extra_info.update(info)
     print(f"[contractive] {name} B{batch} {mode} ({info['order']}): "
-          + "  ".join(f"{k}={v:.3f}" for k, v in info.items() if k.startswith("memory_ratio")))
+          + "  ".join(f"{k}={v:.3f}" for k, v in info.items()
+                      if k.startswith(("memory_ratio", "flop_ratio"))))
