@@ -8,7 +8,8 @@ memory, the bytes each variant keeps for its backward are measured with saved_te
 (numel * element_size, deduplicated by storage): aecore keeps mu and logvar (exp(0.5 logvar) on
 its eager CPU path) and redraws eps from the seed, eager keeps eps, exp(0.5 logvar),
 exp(logvar) and mu. torch.compile's first call is timed apart. On CPU aecore runs its torch
-backend; on CUDA its Triton kernels.
+backend; on CUDA its Triton kernels. Redrawing costs aecore one more draw than eager in full
+mode, so each case also times one ``torch.randn_like(mu)`` alone (``draw_s``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from aecore.kernels.reparameterize import reparameterize
-from bench.harness import MODES, compiled, device, in_mode, quick, run_case
+from bench.harness import MODES, compiled, device, in_mode, interleaved, quick, rounds_for, run_case
 
 DEVICE = device()
 SHAPES = [(256, 32), (4096, 64), (65536, 128)]
@@ -67,10 +68,14 @@ def bench_reparameterize(benchmark, b, d, mode):
                     case=f"{b}x{d}", mode=mode,
                     size=float(b * d), bytes_moved=float(b * d * 4 * PASSES[mode]),
                     compile_s=compile_s)
+    draw = interleaved({"draw": lambda: torch.randn_like(mu)}, rounds=rounds_for(benchmark, rounds),
+                       device=DEVICE)["draw"]["median"]
+    benchmark.extra_info["draw_s"] = draw
     kept = {"aecore": saved_bytes(reparameterize, mu, logvar),
             "eager": saved_bytes(eager, mu, logvar)}
     benchmark.extra_info["saved_bytes"] = kept
     benchmark.extra_info["saved_ratio_vs_eager"] = kept["aecore"] / kept["eager"]
     print(f"[reparameterize] {b}x{d} saved for backward: aecore={kept['aecore']} B "
           f"eager={kept['eager']} B ratio={kept['aecore'] / kept['eager']:.2f}; "
-          f"speedup_vs_eager={info.get('speedup_vs_eager', float('nan')):.2f}")
+          f"speedup_vs_eager={info.get('speedup_vs_eager', float('nan')):.2f}; one draw of eps "
+          f"{draw * 1e6:.1f} us = {draw / info['stats']['eager']['median']:.2f} of eager's time")
