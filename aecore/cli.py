@@ -87,8 +87,8 @@ def _cmd_train(args) -> int:
         test.update(denoise_report(model, torch.from_numpy(x_test), corruption,
                                    torch.Generator().manual_seed(args.seed)))
     save_model(model, out, history,
-               extra={"data": args.data, "model": args.model, "corruption": spec,
-                      "test": test})
+               extra={"data": args.data, "data_root": args.data_root, "model": args.model,
+                      "corruption": spec, "test": test})
     plot_history(history, out / "loss.png")
     if model.latent_dim == 2 and not data.is_image:
         from aecore.plots import plot_latent_2d
@@ -124,7 +124,7 @@ def _cmd_export(args) -> int:
 def _cmd_infer(args) -> int:
     from aecore.export.cli import infer_cli
 
-    infer_cli(args.model, args.input, args.out)
+    infer_cli(args.model, args.input, args.out, labels_path=args.labels)
     return 0
 
 
@@ -207,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("input")
     i.add_argument("--out", required=True)
+    i.add_argument("--labels", default=None, help=".npy of int class ids (conditional models)")
     i.set_defaults(fn=_cmd_infer)
 
     d = sub.add_parser("denoise", help="denoise a .npy batch with a trained model")
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as e:
         print(f"aecore {args.command}: error: {e}", file=sys.stderr)
         return 2
 

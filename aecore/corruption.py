@@ -211,12 +211,11 @@ def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
     normalization, reconstructed, mapped back to raw units and written (float32, the input's
     shape) to ``out_npy`` atomically. Returns the written array.
     """
-    from aecore.io import atomic_write, load_model
+    from aecore.io import atomic_write, check_output, load_model, load_npy
 
+    out_npy = check_output(out_npy, ".npy", (input_npy,))
     model = load_model(model_dir)
-    raw = np.load(input_npy, allow_pickle=False)
-    if not np.issubdtype(raw.dtype, np.number):
-        raise TypeError(f"input_npy must hold a numeric array, got dtype {raw.dtype}")
+    raw = load_npy(input_npy, "input")
     shape = tuple(model.input_shape)
     size = math.prod(shape)
     if raw.ndim >= 2 and math.prod(raw.shape[1:]) == size:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -22,13 +24,39 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only be
+    read by setting it, which races with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    The file gets the permissions of the file it replaces, or those a plain ``open`` would
+    give it (0666 less the umask): mkstemp alone would leave it private (0600).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory, not a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, mode)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -38,6 +66,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def load_npy(path: str | os.PathLike, name: str) -> np.ndarray:
+    """The real-valued array in the .npy file ``path`` (never unpickled); errors name ``name``."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name} must be a .npy file, got the directory {str(p)!r}")
+    if not p.is_file():
+        raise FileNotFoundError(f"{name}: no file at {str(p)!r}")
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (ValueError, EOFError) as e:  # pickled objects, text, a truncated file
+        raise ValueError(f"{name} must be a .npy array file; {str(p)!r} is not one ({e})") from None
+    if not isinstance(a, np.ndarray):  # an .npz archive opens as a lazy mapping
+        a.close()
+        raise ValueError(f"{name} must be a .npy file with one array; {str(p)!r} is an .npz "
+                         "archive")
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold a real numeric array, got dtype {a.dtype}")
+    return a
+
+
+def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = (),
+                 name: str = "--out") -> Path:
+    """``out`` as a Path, after checking that it ends in ``suffix`` (if given) and is none of
+    ``sources`` (the files a command reads: writing there would destroy them)."""
+    out = Path(out)
+    if suffix is not None and out.suffix != suffix:
+        raise ValueError(f"{name} must be a {suffix} file path, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"{name} must be a file path, {str(out)!r} is a directory")
+    for src in sources:
+        if src is not None and (out.resolve() == Path(src).resolve()
+                                or (out.exists() and Path(src).exists()
+                                    and os.path.samefile(out, src))):
+            raise ValueError(f"{name} {str(out)!r} is the input {str(src)!r}; writing it "
+                             "would destroy the input")
+    return out
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.io import write_bytes
+from aecore.io import check_output, load_npy, write_bytes
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -19,22 +19,40 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _calibration(model_dir, model, calibration: str | None) -> np.ndarray:
-    """Calibration inputs for static int8: a .npy of raw data, or 512 training samples of the
-    data set the model was trained on."""
+def _calibration(model_dir, model, part: str, calibration: str | None) -> np.ndarray:
+    """Calibration inputs of ``part`` for static int8. From --calibration: raw data (the
+    training data's units) for parts that take x, codes or noise as given for the decoder and
+    generator. Without it: 512 training samples of the model's data set, encoded for the
+    decoder; standard normal noise for the generator."""
+    import torch
+
     from aecore.io import read_config
 
+    if part == "generator" and calibration is None:
+        return np.random.default_rng(0).standard_normal((512, model.latent_dim),
+                                                        dtype=np.float32)
     if calibration is not None:
-        raw = np.load(calibration, allow_pickle=False)
+        raw = load_npy(calibration, "--calibration")
+        if part in ("decoder", "generator"):
+            return np.asarray(raw, np.float32)
     else:
         from aecore import data as datasets
 
-        name = read_config(model_dir).get("data")
-        if name is None:
+        config = read_config(model_dir)
+        if config.get("data") is None:
             raise ValueError("static quantization needs --calibration FILE.npy (raw inputs)")
-        raw = datasets.load(name).x_train[:512]
-    x = model.normalization.apply(raw) if model.normalization is not None else raw
-    return np.asarray(x, np.float32).reshape(len(x), *model.input_shape)
+        raw = datasets.load(config["data"], root=config.get("data_root")).x_train[:512]
+    size = int(np.prod(model.input_shape))
+    if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:
+        raise ValueError(f"--calibration must hold samples of shape {tuple(model.input_shape)} "
+                         f"(or {size} values each), got an array of shape {raw.shape}")
+    x = raw.reshape(len(raw), *model.input_shape).astype(np.float32)
+    x = model.normalization.apply(x) if model.normalization is not None else x
+    if part != "decoder":
+        return np.ascontiguousarray(x, np.float32)
+    with torch.no_grad():
+        code = model.encode(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    return (code[0] if isinstance(code, tuple) else code).numpy()
 
 
 def export_cli(model_dir, part: str, out, quantize: str | None = None,
@@ -43,6 +61,7 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     from aecore.export.onnx_export import to_onnx
     from aecore.io import load_model
 
+    out = check_output(out, ".onnx")
     model = load_model(model_dir)
     if quantize is None:
         to_onnx(model, out, part=part, threshold=threshold)
@@ -53,7 +72,8 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         to_onnx(model, fp32, part=part, threshold=threshold)
-        calib = _calibration(model_dir, model, calibration) if quantize == "static" else None
+        calib = (_calibration(model_dir, model, part, calibration) if quantize == "static"
+                 else None)
         report = quantize_fn(fp32, out, mode=quantize, calibration=calib)
     print(f"wrote {out} ({quantize}): {report['dst_bytes']} bytes, "
           f"{100 * report['size_ratio']:.0f}% of fp32; max abs error vs fp32 "
@@ -62,17 +82,34 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     return report
 
 
-def infer_cli(model_path, input_path, out_path, normalize: bool = True) -> dict:
+def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: bool = True) -> dict:
     """Run an exported model on a .npy of raw inputs (the training data's units).
 
     The model's normalisation (from its metadata) is applied to the inputs and inverted on
-    reconstructions. The first output goes to ``out_path``; further outputs beside it as
+    reconstructions. A conditional model also takes ``labels_path``, a .npy of int class ids
+    (one per sample). The first output goes to ``out_path``; further outputs beside it as
     ``<stem>.<name>.npy``.
     """
     from aecore.export.runtime import Model
 
     model = Model(model_path)
-    x = np.load(input_path, allow_pickle=False)
+    conditional = "labels" in model.input_names
+    if conditional and labels_path is None:
+        raise ValueError("the model is conditional: pass --labels FILE.npy (int class ids, "
+                         "one per sample)")
+    if labels_path is not None and not conditional:
+        raise ValueError("--labels is for conditional models; this one takes no labels")
+    out_path = check_output(out_path, ".npy")
+    paths = [out_path.with_suffix(f".{name}.npy") for name in model.output_names[1:]]
+    for p in (out_path, *paths):
+        check_output(p, ".npy", (model_path, input_path, labels_path))
+    x = load_npy(input_path, "input")
+    extra = ()
+    if conditional:
+        labels = load_npy(labels_path, "--labels")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"--labels must hold integer class ids, got dtype {labels.dtype}")
+        extra = (np.atleast_1d(labels).astype(np.int64),)
     norm = model.metadata.get("normalization") if normalize else None
     part = model.metadata.get("part")
     if norm and part in ("autoencoder", "encoder", "scorer"):
@@ -81,13 +118,12 @@ def infer_cli(model_path, input_path, out_path, normalize: bool = True) -> dict:
     shape = model.metadata.get("input_shape")
     if shape and part in ("autoencoder", "encoder", "scorer") and x.ndim == len(shape):
         x = x[None]  # a single sample
-    outputs = model.run_all(x)
+    outputs = model.run_all(x, *extra)
     if norm and part in ("autoencoder", "decoder", "generator"):
         name = model.output_names[0]
         outputs[name] = (outputs[name] * np.asarray(norm["std"], np.float32)
                          + np.asarray(norm["mean"], np.float32))
-    out_path = Path(out_path)
-    for i, (name, value) in enumerate(outputs.items()):
-        save_npy(out_path if i == 0 else out_path.with_suffix(f".{name}.npy"), value)
+    for path, value in zip((out_path, *paths), outputs.values()):
+        save_npy(path, value)
     print(f"wrote {out_path}: " + json.dumps({k: list(v.shape) for k, v in outputs.items()}))
     return outputs

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -182,6 +184,10 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= top:
+        # 18 is the exporter's oldest opset; older ones would need a lossy version conversion.
+        raise ValueError(f"opset must be an int in [18, {top}], got {opset!r}")
     for attr in ("family", "input_shape", "latent_dim", "encode", "decode"):
         if not hasattr(model, attr):
             raise TypeError(f"model must be an aecore model (missing {attr!r}), "
@@ -189,12 +195,30 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
     if part == "generator" and not _has_prior(model):
         raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
                          f"{model.family!r} has none: export its 'decoder' instead")
-    if part == "scorer":
-        threshold = threshold if threshold is not None else getattr(model, "threshold", None)
+    if part == "scorer" and threshold is None:
+        threshold = getattr(model, "threshold", None)
         if threshold is None:
             raise ValueError("part='scorer' needs a threshold: pass threshold=... or set "
                              "model.threshold (e.g. a high quantile of training errors)")
-    model = model.eval().cpu()
+    if threshold is not None:
+        # A NaN threshold would export a scorer that never flags anything.
+        if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                or not math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        threshold = float(threshold)
+    # Export runs on the CPU in eval mode; the caller's model gets its mode and device back.
+    training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        data = _export(model.eval().cpu(), part, opset, threshold, verify, check_batches)
+    finally:
+        model.train(training).to(device)
+    return write_bytes(path, data)
+
+
+def _export(model, part: str, opset: int, threshold: float | None, verify: bool,
+            check_batches: tuple[int, int]) -> bytes:
+    """The serialized, checked (and with ``verify``, verified) ONNX model of ``part``."""
     wrapper = _Part(model, part, threshold).eval()
     gen = torch.Generator().manual_seed(0)
     example = _examples(model, part, 2, gen)  # batch >= 2: 0 and 1 get specialised
@@ -223,4 +247,4 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
         verify_fn(proto, wrapper, feeds, inputs)
     buf = io.BytesIO()
     onnx.save_model(proto, buf)
-    return write_bytes(path, buf.getvalue())
+    return buf.getvalue()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from aecore.io import write_bytes
+from aecore.io import check_output, write_bytes
 
 MODES = ("dynamic", "static", "fp16")
 
@@ -25,6 +25,20 @@ class _Reader:
 
     def get_next(self):
         return next(self._feeds, None)
+
+
+def _samples(a, name: str, dims: list[int]) -> np.ndarray:
+    """``a`` as a contiguous float32 (N, *dims) array with N >= 1 and finite values."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    if a.ndim != len(dims) + 1 or list(a.shape[1:]) != dims or len(a) == 0:
+        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, dims))}) with N >= 1, "
+                         f"got {a.shape}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf (or values beyond float32's range)")
+    return a
 
 
 def _median_latency(session, feed: dict, reps: int = 20) -> float:
@@ -53,23 +67,26 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     src = Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX model at {str(src)!r}")
-    model = onnx.load(str(src))
+    dst = check_output(dst, None, (src,), name="dst")
+    try:
+        model = onnx.load(str(src))
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise ValueError(f"src {str(src)!r} is not an ONNX model ({type(e).__name__})") from None
+    if len(model.graph.input) == 0:
+        raise ValueError(f"src {str(src)!r} has no graph inputs: not an exported model")
     first = model.graph.input[0]
     if len(model.graph.input) != 1:
         raise ValueError("quantize takes single-input models (conditional models: export "
                          "and quantize with the labels folded in is not supported)")
     dims = [d.dim_value for d in first.type.tensor_type.shape.dim[1:]]
-    if mode == "static":
-        if calibration is None:
-            raise ValueError("mode='static' needs calibration inputs (N, ...) float32")
-        calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-        if list(calibration.shape[1:]) != dims:
-            raise ValueError(f"calibration must have shape (N, {', '.join(map(str, dims))}), "
-                             f"got {calibration.shape}")
+    if mode == "static" and calibration is None:
+        raise ValueError("mode='static' needs calibration inputs (N, ...) float32")
+    if calibration is not None:
+        calibration = _samples(calibration, "calibration", dims)
     if inputs is None:
         inputs = (calibration[:256] if calibration is not None
                   else np.random.default_rng(0).random((64, *dims), dtype=np.float32))
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    inputs = _samples(inputs, "inputs", dims)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
@@ -84,9 +101,16 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)
         else:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+            from onnxruntime.transformers.float16 import (
+                DEFAULT_OP_BLOCK_LIST,
+                convert_float_to_float16,
+            )
 
-            onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
+            # A scorer's flag compares in fp32, against the threshold its metadata states: in
+            # fp16 the threshold would round, and flags would disagree with score > threshold.
+            onnx.save(convert_float_to_float16(model, keep_io_types=True,
+                                               op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Greater"]),
+                      str(out))
         result = onnx.load(str(out))
     props = {p.key: p.value for p in model.metadata_props}
     props["quantization"] = mode

@@ -43,17 +43,33 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
                  threads: int | None = None, max_batch: int = 8192):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no ONNX model at {str(path)!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if providers is not None:
+            available = ort.get_available_providers()
+            if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+                raise TypeError(f"providers must be a list of provider names, got {providers!r}")
+            unknown = [p for p in providers if p not in available]
+            if unknown or not providers:
+                raise ValueError(f"providers must name available providers {available}, "
+                                 f"got {list(providers)!r}")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=options,
-                                            providers=providers or default_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=providers or default_providers())
+        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, ...: not a usable model
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{str(path)!r} is not a model ONNX Runtime can load: "
+                             f"{first}") from None
         self.max_batch = max_batch
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, Any] = {k: _parse(v) for k, v in meta.items()}

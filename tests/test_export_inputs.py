@@ -1,0 +1,238 @@
+"""What export, quantize, the runtime and the export CLIs do with bad arguments and paths:
+clear errors naming the argument, nothing overwritten, the caller's model left as it was."""
+
+import os
+import re
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from aecore import families
+from aecore.cli import main
+from aecore.data import load_digits
+from aecore.export import Model, quantize, to_onnx
+from aecore.io import save_model, write_bytes
+
+
+def _small(name="ae"):
+    torch.manual_seed(0)
+    return families.build(name, load_digits(), families.Sizes(hidden=[24], latent=6))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Model folders of an ae, a vae and a cvae, and the ae's exported autoencoder."""
+    root = tmp_path_factory.mktemp("export-inputs")
+    for name in ("ae", "vae", "cvae"):
+        save_model(_small(name).eval(), root / name, extra={"data": "digits"})
+    to_onnx(_small("ae").eval(), root / "ae.onnx")
+    return root
+
+
+def test_to_onnx_leaves_the_model_as_it_was(tmp_path):
+    model = _small().train()
+    to_onnx(model, tmp_path / "m.onnx")
+    assert model.training
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("opset", [7, 17, 99, "20", True])
+def test_to_onnx_rejects_bad_opsets(tmp_path, opset):
+    with pytest.raises(ValueError, match=r"opset must be an int in \[18, \d+\], got"):
+        to_onnx(_small(), tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "abc", True])
+def test_scorer_threshold_must_be_finite(tmp_path, threshold):
+    with pytest.raises(ValueError, match="threshold must be a finite number, got"):
+        to_onnx(_small(), tmp_path / "s.onnx", part="scorer", threshold=threshold)
+    model = _small()
+    model.threshold = float("nan")
+    with pytest.raises(ValueError, match="threshold must be a finite number, got nan"):
+        to_onnx(model, tmp_path / "s.onnx", part="scorer")
+
+
+def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fresh = write_bytes(tmp_path / "a.bin", b"1")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        os.chmod(fresh, 0o640)
+        write_bytes(fresh, b"2")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_bytes() == b"2"
+    finally:
+        os.umask(old)
+
+
+def test_quantize_never_overwrites_its_source(saved):
+    src = saved / "ae.onnx"
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="dst .* is the input .*would destroy the input"):
+        quantize(src, src)
+    with pytest.raises(ValueError, match="is the input"):
+        quantize(src, saved / "." / "ae.onnx", mode="fp16")
+    assert src.read_bytes() == before
+
+
+def test_quantize_checks_its_arrays(saved, tmp_path):
+    src = saved / "ae.onnx"
+    dst = tmp_path / "q.onnx"
+    bad = [({"mode": "static", "calibration": np.full((8, 64), np.nan, np.float32)},
+            ValueError, "calibration contains NaN or Inf"),
+           ({"mode": "static", "calibration": np.zeros((0, 64), np.float32)},
+            ValueError, r"calibration must have shape \(N, 64\) with N >= 1, got \(0, 64\)"),
+           ({"inputs": np.zeros((4, 3), np.float32)},
+            ValueError, r"inputs must have shape \(N, 64\) with N >= 1, got \(4, 3\)"),
+           ({"inputs": np.zeros((0, 64), np.float32)}, ValueError, "inputs must have shape"),
+           ({"calibration": np.zeros((4, 3), np.float32)}, ValueError,
+            r"calibration must have shape \(N, 64\)"),
+           ({"inputs": np.zeros((2, 64), np.complex64)}, TypeError,
+            "inputs must be a real numeric array, got dtype complex64")]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            quantize(src, dst, **kwargs)
+    assert not dst.exists()
+
+
+def test_files_that_are_not_onnx_models(saved, tmp_path):
+    junk = tmp_path / "x.npy"
+    np.save(junk, np.zeros((2, 64), np.float32))
+    with pytest.raises(ValueError, match="src .*x.npy' is not an ONNX model"):
+        quantize(junk, tmp_path / "q.onnx")
+    with pytest.raises(ValueError, match="x.npy' is not a model ONNX Runtime can load"):
+        Model(junk)
+
+
+def test_runtime_argument_errors(saved):
+    path = saved / "ae.onnx"
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        Model(None)
+    with pytest.raises(ValueError, match="threads must be a positive int or None, got True"):
+        Model(path, threads=True)
+    with pytest.raises(ValueError, match="max_batch must be a positive int, got True"):
+        Model(path, max_batch=True)
+    with pytest.raises(TypeError, match="providers must be a list of provider names"):
+        Model(path, providers="CPUExecutionProvider")
+    with pytest.raises(ValueError, match=r"providers must name available providers .*"
+                                         r"got \['NoSuchExecutionProvider'\]"):
+        Model(path, providers=["NoSuchExecutionProvider"])
+    assert Model(path, providers=["CPUExecutionProvider"]).run(np.zeros((1, 64), np.float32)
+                                                               ).shape == (1, 64)
+
+
+def test_cli_export_refuses_paths_that_would_destroy_data(saved, tmp_path, capsys):
+    config = (saved / "ae" / "config.json").read_bytes()
+    assert main(["export", str(saved / "ae"), "--out", str(saved / "ae" / "config.json")]) == 2
+    assert "--out must be a .onnx file path" in capsys.readouterr().err
+    assert (saved / "ae" / "config.json").read_bytes() == config
+    (tmp_path / "dir.onnx").mkdir()
+    assert main(["export", str(saved / "ae"), "--out", str(tmp_path / "dir.onnx")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_cli_infer_refuses_to_overwrite_its_inputs(saved, tmp_path, capsys):
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 64), np.float32))
+    model = saved / "ae.onnx"
+    assert main(["infer", str(model), str(x), "--out", str(x)]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert np.load(x).shape == (2, 64)
+    assert main(["infer", str(model), str(x), "--out", str(model)]) == 2
+    assert "--out must be a .npy file path" in capsys.readouterr().err
+    # A scorer's second output goes beside the first: that name is checked too.
+    scorer = to_onnx(_small().eval(), tmp_path / "s.onnx", part="scorer", threshold=0.1)
+    flags = tmp_path / "out.is_anomaly.npy"
+    np.save(flags, np.zeros((2, 64), np.float32))
+    assert main(["infer", str(scorer), str(flags), "--out", str(tmp_path / "out.npy")]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert np.load(flags).shape == (2, 64)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("npz", "input must be a .npy file with one array; .* is an .npz archive"),
+    ("csv", "input must be a .npy array file; .* is not one"),
+    ("dir", "input must be a .npy file, got the directory"),
+    ("complex", "input must hold a real numeric array, got dtype complex64"),
+    ("absent", "input: no file at"),
+])
+def test_cli_infer_input_errors(saved, tmp_path, capsys, kind, message):
+    path = tmp_path / f"in.{kind}"
+    if kind == "npz":
+        np.savez(path, x=np.zeros((2, 64)))
+    elif kind == "csv":
+        np.savetxt(path, np.zeros((2, 64)), delimiter=",")
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "complex":
+        np.save(tmp_path / "in.npy", np.zeros((2, 64), np.complex64))
+        path = tmp_path / "in.npy"
+    assert main(["infer", str(saved / "ae.onnx"), str(path),
+                 "--out", str(tmp_path / "out.npy")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_cli_infer_runs_conditional_models_with_labels(saved, tmp_path, capsys):
+    onnx_path = tmp_path / "cvae.onnx"
+    assert main(["export", str(saved / "cvae"), "--out", str(onnx_path)]) == 0
+    raw = load_digits().x_test[:4].reshape(4, 64)
+    labels = np.array([0, 3, 5, 9])
+    np.save(tmp_path / "x.npy", raw)
+    np.save(tmp_path / "y.npy", labels)
+    out = tmp_path / "out.npy"
+    assert main(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--out", str(out)]) == 2
+    assert "the model is conditional: pass --labels" in capsys.readouterr().err
+    assert main(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--out", str(out),
+                 "--labels", str(tmp_path / "y.npy")]) == 0
+    from aecore.io import load_model
+
+    model = load_model(saved / "cvae")
+    norm = model.normalization
+    with torch.no_grad():
+        want = model(torch.from_numpy(norm.apply(raw).astype(np.float32)),
+                     torch.from_numpy(labels)).numpy()
+    np.testing.assert_allclose(np.load(out), norm.invert(want), rtol=1e-4, atol=1e-4)
+    np.save(tmp_path / "yf.npy", labels.astype(np.float32))
+    assert main(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--out", str(out),
+                 "--labels", str(tmp_path / "yf.npy")]) == 2
+    assert "--labels must hold integer class ids, got dtype float32" in capsys.readouterr().err
+    assert main(["infer", str(saved / "ae.onnx"), str(tmp_path / "x.npy"), "--out", str(out),
+                 "--labels", str(tmp_path / "y.npy")]) == 2
+    assert "--labels is for conditional models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, part", [("ae", "decoder"), ("vae", "generator")])
+def test_cli_static_quantization_of_code_inputs(saved, tmp_path, name, part):
+    # Calibration for parts fed codes: encoded training data (decoder), prior noise (generator).
+    out = tmp_path / f"{part}.onnx"
+    assert main(["export", str(saved / name), "--part", part, "--out", str(out),
+                 "--quantize", "static"]) == 0
+    z = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    assert Model(out).run(z).shape == (8, 64)
+    # Given codes are used as they are: no normalisation, no reshape to the input's shape.
+    codes = tmp_path / "codes.npy"
+    np.save(codes, z)
+    out2 = tmp_path / f"{part}2.onnx"
+    assert main(["export", str(saved / name), "--part", part, "--out", str(out2),
+                 "--quantize", "static", "--calibration", str(codes)]) == 0
+    assert Model(out2).metadata["quantization"] == "static"
+
+
+def test_fp16_scorer_flags_agree_with_its_scores_and_threshold(tmp_path):
+    """The threshold sits just below an fp16 score: rounded to fp16 it would equal that score
+    and the flag would say no while score > threshold says yes."""
+    model = _small().eval()
+    x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    first = to_onnx(model, tmp_path / "s.onnx", part="scorer", threshold=0.1)
+    quantize(first, tmp_path / "h.onnx", mode="fp16")
+    score16 = Model(tmp_path / "h.onnx").run(x)
+    threshold = float(np.nextafter(score16[0], np.float32(-np.inf)))
+    src = to_onnx(model, tmp_path / "s2.onnx", part="scorer", threshold=threshold)
+    quantize(src, tmp_path / "h2.onnx", mode="fp16")
+    half = Model(tmp_path / "h2.onnx")
+    out = half.run_all(x)
+    np.testing.assert_array_equal(out["is_anomaly"], out["score"] > half.metadata["threshold"])
+    assert out["is_anomaly"][0]
