@@ -141,25 +141,28 @@ class VAE(AutoEncoderBase):
         }
 
     def _onehot(self, y: torch.Tensor | None, n: int, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor | None:
-        """(n, num_classes) one-hot labels; None for the unconditional model."""
+                dtype: torch.dtype, arg: str = "y") -> torch.Tensor | None:
+        """(n, num_classes) one-hot labels; None for the unconditional model. Errors name
+        ``arg``, the caller's name for the labels."""
         if not self.num_classes:
             if y is not None:
-                raise ValueError("y must be None: this VAE is unconditional (use "
+                raise ValueError(f"{arg} must be None: this VAE is unconditional (use "
                                  "ConditionalVAE for labels)")
             return None
         if y is None:
-            raise ValueError(f"y is required: labels (batch,) in [0, {self.num_classes})")
+            raise ValueError(f"{arg} is required: integer labels ({n},) in "
+                             f"[0, {self.num_classes})")
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor of integer labels, got {type(y).__name__}")
+            raise TypeError(f"{arg} must be a torch.Tensor of integer labels, "
+                            f"got {type(y).__name__}")
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise TypeError(f"y must hold integer labels, got {y.dtype}")
+            raise TypeError(f"{arg} must hold integer labels, got {y.dtype}")
         if y.shape != (n,):
-            raise ValueError(f"y must have shape ({n},) (one label per sample), "
+            raise ValueError(f"{arg} must have shape ({n},) (one label per sample), "
                              f"got {tuple(y.shape)}")
         # The range check reads values: impossible (and pointless) while export traces shapes.
         if n and not exporting() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"y must be labels in [0, {self.num_classes}), got values in "
+            raise ValueError(f"{arg} must be in [0, {self.num_classes}), got values in "
                              f"[{int(y.min())}, {int(y.max())}]")
         return F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
 
@@ -175,15 +178,16 @@ class VAE(AutoEncoderBase):
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar
 
-    def _decode_raw(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (Bernoulli) or means (Gaussian), (B, *input_shape)."""
+    def _decode_raw(self, z: torch.Tensor, y: torch.Tensor | None = None,
+                    arg: str = "y") -> torch.Tensor:
+        """Logits (Bernoulli) or means (Gaussian), (B, *input_shape); label errors name ``arg``."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"z must be a floating point torch.Tensor, got "
                             f"{getattr(z, 'dtype', type(z).__name__)}")
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (batch, {self.latent_dim}), "
                              f"got {tuple(z.shape)}")
-        h = self._onehot(y, z.shape[0], z.device, z.dtype)
+        h = self._onehot(y, z.shape[0], z.device, z.dtype, arg)
         return self.decoder(z if h is None else torch.cat([z, h], dim=1))
 
     def _mean(self, raw: torch.Tensor) -> torch.Tensor:
@@ -200,8 +204,11 @@ class VAE(AutoEncoderBase):
     # -- likelihood and bounds -----------------------------------------------------------------
 
     def log_px(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """log p(target | z) per sample, (B,), from the decoder's raw output (B, *input_shape)."""
-        raw, target = raw.float(), target.float()
+        """log p(target | z) per sample, (B,), from the decoder's raw output (B, *input_shape);
+        float32 (float64 for a float64 decoder)."""
+        # Half/bf16 outputs are summed in float32; float64 keeps its precision.
+        cd = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        raw, target = raw.to(cd), target.to(cd)
         if self.likelihood == "bernoulli":
             lp = -F.binary_cross_entropy_with_logits(raw, target, reduction="none")
         elif self.likelihood == "gaussian":
@@ -231,7 +238,7 @@ class VAE(AutoEncoderBase):
         mu, logvar = self.encode(x, y)
         z, kl = reparameterize(mu, logvar)
         recon = -self.log_px(self._decode_raw(z, y), target)
-        kl = kl.float()
+        kl = kl.to(recon.dtype)
         return {"loss": (recon + self.beta * kl).mean(), "recon": recon.mean(),
                 "kl": kl.mean()}
 
@@ -248,7 +255,7 @@ class VAE(AutoEncoderBase):
         z, kl = reparameterize(mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0),
                                generator=generator)
         lp = self.log_px(self._decode_raw(z, self._repeat(y, k)), self._repeat(x, k))
-        return lp.view(-1, k).mean(1) - kl.float().view(-1, k)[:, 0]
+        return lp.view(-1, k).mean(1) - kl.to(lp.dtype).view(-1, k)[:, 0]
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 100,
@@ -256,30 +263,44 @@ class VAE(AutoEncoderBase):
                        ) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) per sample, (B,), with ``k`` draws from q:
         logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k (the IWAE bound; it
-        rises towards log p(x) with k). Decodes at most ``chunk`` rows at a time."""
+        rises towards log p(x) with k). Float32 (float64 for a float64 model).
+
+        Each decoder call takes at most ``chunk`` rows: whole inputs (k rows each) while
+        k <= chunk, else one input's draws split across calls. The noise is one
+        ``torch.randn((k, latent_dim))`` from ``generator`` per input, in order (float64 for a
+        float64 model, else float32), so ``chunk`` changes nothing but the speed."""
         k = _positive_int("k", k)
         chunk = _positive_int("chunk", chunk)
         mu, logvar = self.encode(x, y)
-        B = x.shape[0]
-        per = max(1, chunk // max(k, 1))  # samples per decoder call
+        B, L = mu.shape
+        cd = torch.float64 if mu.dtype == torch.float64 else torch.float32
+        m = mu.to(cd)
+        lv = logvar.to(cd).clamp(LOGVAR_MIN, LOGVAR_MAX)  # the sampler's clamp
+        std = torch.exp(0.5 * lv)
+        # log q(z|x) from the eps that built z, -1/2 sum(eps^2 + lv + log 2pi): recovering eps
+        # as (z - mu) / std loses it where std is below the float spacing at mu.
+        log_q0 = -0.5 * (lv.sum(1) + L * _LOG_2PI)
+        g_device = generator.device if generator is not None else mu.device
+        per, step = max(1, chunk // k), min(k, chunk)  # inputs, and draws of each, per call
         out = []
         for i in range(0, B, per):
             sl = slice(i, i + per)
-            n = mu[sl].shape[0]
-            m = mu[sl].repeat_interleave(k, 0).float()
-            lv = logvar[sl].repeat_interleave(k, 0).float()
-            z = reparameterize(m, lv, generator=generator, return_kl=False)
-            # log q with the variance the sampler used (logvar clamped the same way).
-            lvc = lv.clamp(LOGVAR_MIN, LOGVAR_MAX)
-            eps2 = (z - m).pow(2) * torch.exp(-lvc)
-            log_q = -0.5 * (eps2 + lvc + _LOG_2PI).sum(1)
-            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(1)
-            yy = None if y is None else y[sl]
-            log_px = self.log_px(self._decode_raw(z.to(x.dtype), self._repeat(yy, k)),
-                                 self._repeat(x[sl], k))
-            w = (log_px + log_pz - log_q).view(n, k)
-            out.append(torch.logsumexp(w, dim=1) - math.log(k))
-        return torch.cat(out) if out else x.new_zeros((0,))
+            n = m[sl].shape[0]
+            eps = torch.stack([torch.randn(k, L, generator=generator, device=g_device, dtype=cd)
+                               for _ in range(n)]).to(mu.device)  # (n, k, L)
+            w = []  # log-weights (n, s) of draws [j, j + s), combined over all k below
+            for j in range(0, k, step):
+                e = eps[:, j:j + step]
+                s = e.shape[1]
+                z = m[sl, None] + std[sl, None] * e
+                log_q = log_q0[sl, None] - 0.5 * e.pow(2).sum(2)
+                log_pz = -0.5 * (z.pow(2).sum(2) + L * _LOG_2PI)
+                yy = None if y is None else self._repeat(y[sl], s)
+                raw = self._decode_raw(z.reshape(n * s, L).to(mu.dtype), yy)
+                log_px = self.log_px(raw, self._repeat(x[sl], s)).view(n, s)
+                w.append(log_px + log_pz - log_q)
+            out.append(torch.logsumexp(torch.cat(w, 1), dim=1) - math.log(k))
+        return torch.cat(out) if out else torch.zeros(0, dtype=cd, device=mu.device)
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -290,12 +311,15 @@ class VAE(AutoEncoderBase):
 
         ``labels`` (conditional model): an int for all n, or (n,) integer labels."""
         n = _positive_int("n", n)
-        device = next(self.parameters()).device
+        param = next(self.parameters())
+        device = param.device
         if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
             labels = torch.full((n,), int(labels), dtype=torch.long, device=device)
         g_device = generator.device if generator is not None else device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=g_device).to(device)
-        return self.decode(z, labels)
+        # z in the model's dtype: the decoder takes no other.
+        z = torch.randn(n, self.latent_dim, generator=generator, device=g_device,
+                        dtype=param.dtype).to(device)
+        return self._mean(self._decode_raw(z, labels, "labels"))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, *,
@@ -314,7 +338,10 @@ class VAE(AutoEncoderBase):
         x1, x2: one sample (*input_shape) -> (steps, *input_shape), or a batch
         (B, *input_shape) -> (B, steps, *input_shape); endpoints included. ``y``: labels of the
         conditional model ((B,), or an int), held fixed along the path."""
-        steps = _positive_int("steps", steps)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+            raise ValueError(f"steps must be an integer >= 2 (the path includes both "
+                             f"endpoints), got {steps!r}")
+        steps = int(steps)
         single = isinstance(x1, torch.Tensor) and x1.dim() == len(self.input_shape)
         if single:
             x1 = x1.unsqueeze(0)
@@ -366,8 +393,8 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
                 seed: int = 0) -> np.ndarray:
     """Draw ``n`` samples from the prior and write them as a PNG grid at ``path``.
 
-    For a conditional model, ``label`` fixes the class of every sample; without it the labels
-    cycle through the classes (one row per class for a grid 8 wide). Flat models must have a
+    For a conditional model, ``label`` fixes the class of every sample; without it each row of
+    the grid (8 wide) is one class, row r class r % num_classes. Flat models must have a
     square number of pixels. Returns the images, (n, H, W) or (n, C, H, W), in [0, 1].
     """
     from aecore.plots import save_image_grid
@@ -376,10 +403,11 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
         raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
     n = _positive_int("n", n)
     shape = _image_shape(model)
+    nrow = 8  # the grid's width
     labels = None
     if model.num_classes:
         if label is None:
-            labels = torch.arange(n) % model.num_classes
+            labels = (torch.arange(n) // nrow) % model.num_classes
         else:
             if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
                     or not 0 <= label < model.num_classes:
@@ -399,5 +427,5 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
     # Model inputs are scaled to [0, 1] (the project's image convention): no inversion.
     imgs = imgs.float().cpu().numpy().reshape(n, *shape)
     imgs = np.clip(imgs, 0.0, 1.0)
-    save_image_grid(imgs, path, nrow=8)
+    save_image_grid(imgs, path, nrow=nrow)
     return imgs

@@ -1,13 +1,16 @@
 """VAE, beta-VAE and conditional VAE on scikit-learn's digits (8x8, scaled to [0, 1])."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aecore import data
 from aecore.io import load_model, save_model
+from aecore.kernels.reparameterize import reparameterize
 from aecore.registry import MODELS
 from aecore.vae import VAE, ConditionalVAE, sample_grid
 
@@ -123,13 +126,67 @@ def test_importance_weighted_bound_is_tighter_than_the_elbo(trained, digits):
     assert (ll < 0).all() and ll.mean() > 64 * math.log(0.5)
 
 
-def test_log_likelihood_chunking_changes_nothing_but_the_noise(trained, digits):
-    # chunk smaller than k: one sample per decoder call; same mean within noise.
-    x = digits[0][:16]
-    a = trained.log_likelihood(x, k=100, chunk=50, generator=torch.Generator().manual_seed(0))
-    b = trained.log_likelihood(x, k=100, generator=torch.Generator().manual_seed(0))
-    assert a.shape == b.shape == (16,)
-    assert (a - b).abs().max() < 1.0
+@pytest.mark.parametrize("chunk", [3, 7, 50, 120])
+def test_log_likelihood_decodes_at_most_chunk_rows(chunk):
+    # k > chunk splits one input's draws across calls; the noise, and so the result, is the same.
+    torch.manual_seed(0)
+    model = VAE(6, [8], 3).eval()
+    x = torch.rand(5, 6)
+    rows = []
+    hook = model.decoder.register_forward_hook(lambda mod, inp, out: rows.append(len(out)))
+    a = model.log_likelihood(x, k=50, chunk=chunk, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    b = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0))
+    assert max(rows) <= chunk and sum(rows) == 5 * 50
+    assert a.shape == (5,)
+    torch.testing.assert_close(a, b)
+
+
+def _bernoulli_log_px(raw, x):
+    return -F.binary_cross_entropy_with_logits(raw, x, reduction="none").sum(-1)
+
+
+def _iwae_oracle(model64, x, mu, lv, eps):
+    """float64 log-mean-exp of the importance weights of z = mu + exp(lv / 2) * eps, (B,)."""
+    B, k, L = eps.shape
+    z = mu[:, None] + torch.exp(0.5 * lv)[:, None] * eps
+    log_px = _bernoulli_log_px(model64.decoder(z.reshape(-1, L)),
+                               x.repeat_interleave(k, 0)).view(B, k)
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+    log_q = -0.5 * (eps.pow(2) + lv[:, None] + math.log(2 * math.pi)).sum(-1)
+    return torch.logsumexp(log_px + log_pz - log_q, 1) - math.log(k)
+
+
+def test_log_likelihood_log_q_is_exact_near_the_logvar_clamp():
+    # std = e^-14 is below float32's spacing at |mu| = 3: (z - mu) / std would lose eps.
+    torch.manual_seed(0)
+    model = VAE(6, [8], 8).eval()
+    B, k, L = 4, 8, 8
+    x = torch.rand(B, 6, dtype=torch.float64)
+    mu, lv = torch.full((B, L), 3.0), torch.full((B, L), -28.0)
+    model.encode = lambda x, y=None: (mu, lv)
+    ll = model.log_likelihood(x.float(), k=k, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the documented noise: one (k, L) draw per input
+    eps = torch.stack([torch.randn(k, L, generator=g) for _ in range(B)]).double()
+    oracle = _iwae_oracle(copy.deepcopy(model).double(), x, mu.double(), lv.double(), eps)
+    torch.testing.assert_close(ll.double(), oracle, atol=1e-3, rtol=0)
+
+
+def test_float64_model_keeps_float64():
+    torch.manual_seed(0)
+    model = VAE(6, [8], 3).double().eval()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    mu, lv = model.encode(x)
+    elbo = model.elbo(x, generator=torch.Generator().manual_seed(1))
+    z, _ = reparameterize(mu, lv, generator=torch.Generator().manual_seed(1))  # the same z
+    kl = 0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum(1)
+    assert elbo.dtype == torch.float64
+    torch.testing.assert_close(elbo, _bernoulli_log_px(model.decoder(z), x) - kl)
+    ll = model.log_likelihood(x, k=5, chunk=3, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    eps = torch.stack([torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(4)])
+    assert ll.dtype == torch.float64
+    torch.testing.assert_close(ll, _iwae_oracle(model, x, mu, lv, eps))
 
 
 def test_sample_reconstruct_interpolate(trained, digits):
@@ -148,6 +205,39 @@ def test_sample_reconstruct_interpolate(trained, digits):
     batch = trained.interpolate(x[:2], x[2:4], steps=3)
     assert batch.shape == (2, 3, 64)
     torch.testing.assert_close(batch[1, -1], rec[3])
+
+
+@pytest.mark.parametrize("steps", [1, 0, -2, 3.0, True, "4"])
+def test_interpolate_needs_both_endpoints(steps):
+    model = VAE(6, [8], 3)
+    x = torch.rand(2, 6)
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):
+        model.interpolate(x[0], x[1], steps=steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sample_draws_z_in_the_model_dtype(dtype):
+    torch.manual_seed(0)
+    s = VAE(6, [8], 3).to(dtype).sample(4, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (4, 6) and s.dtype == dtype
+    s = ConditionalVAE(3, 6, [8], 3).to(dtype).sample(4, labels=1)
+    assert s.shape == (4, 6) and s.dtype == dtype
+
+
+def test_sample_label_errors_name_labels():
+    cvae = ConditionalVAE(3, 6, [8], 2)
+    with pytest.raises(ValueError, match=r"labels is required: integer labels \(4,\) in \[0, 3\)"):
+        cvae.sample(4)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got values in \[3, 3\]"):
+        cvae.sample(4, labels=3)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        cvae.sample(4, labels=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="labels must hold integer labels"):
+        cvae.sample(4, labels=torch.zeros(4))
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor of integer labels"):
+        cvae.sample(4, labels=True)
+    with pytest.raises(ValueError, match="labels must be None: this VAE is unconditional"):
+        VAE(6, [8], 2).sample(4, labels=1)
 
 
 def test_conditional_vae_uses_labels(digits):
@@ -221,6 +311,20 @@ def test_sample_grid_writes_png(trained, tmp_path):
         sample_grid(VAE(10, [8], 2), 4, tmp_path / "f.png")
 
 
+def test_sample_grid_rows_are_classes(tmp_path, monkeypatch):
+    # Without a label, row r of the 8-wide grid is class r % num_classes.
+    cvae = ConditionalVAE(2, 64, [8], 2)
+    seen = []
+    draw = cvae.sample
+    monkeypatch.setattr(cvae, "sample", lambda n, labels=None, generator=None: (
+        seen.append(labels), draw(n, labels, generator=generator))[1])
+    sample_grid(cvae, 20, tmp_path / "g.png")
+    rows = seen[0].split(8)
+    assert [len(r) for r in rows] == [8, 8, 4]
+    for r, labels in enumerate(rows):
+        assert (labels == r % 2).all()
+
+
 def test_triton_backend_runs_the_loss(monkeypatch, digits):
     # The fused kernels through the interpreter: same terms' structure, finite gradients.
     monkeypatch.setenv("AECORE_BACKEND", "triton")
@@ -282,11 +386,11 @@ def test_bad_call_arguments():
         model.sample(0)
     with pytest.raises(ValueError, match="x2 must have the shape of x1"):
         model.interpolate(x[:2], x[:3])
-    with pytest.raises(ValueError, match=r"y is required: labels \(batch,\) in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"y is required: integer labels \(4,\) in \[0, 3\)"):
         cvae.loss(x)
     with pytest.raises(TypeError, match="y must hold integer labels"):
         cvae.loss(x, torch.zeros(4))
-    with pytest.raises(ValueError, match=r"y must be labels in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
         cvae.loss(x, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"y must have shape \(4,\)"):
         cvae.loss(x, torch.tensor([0, 1]))
