@@ -53,13 +53,23 @@ class Model:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if providers is not None:
-            available = ort.get_available_providers()
-            if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+            # ONNX Runtime takes names, or (name, options dict) pairs.
+            def name(p):
+                if isinstance(p, str):
+                    return p
+                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) \
+                        and isinstance(p[1], dict):
+                    return p[0]
+                raise TypeError(f"providers must be a list of provider names or (name, options) "
+                                f"pairs, got {providers!r}")
+
+            if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
                 raise TypeError(f"providers must be a list of provider names, got {providers!r}")
-            unknown = [p for p in providers if p not in available]
-            if unknown or not providers:
+            available = ort.get_available_providers()
+            names = [name(p) for p in providers]
+            if not names or any(n not in available for n in names):
                 raise ValueError(f"providers must name available providers {available}, "
-                                 f"got {list(providers)!r}")
+                                 f"got {names!r}")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -119,8 +119,9 @@ def test_runtime_argument_errors(saved):
     with pytest.raises(ValueError, match=r"providers must name available providers .*"
                                          r"got \['NoSuchExecutionProvider'\]"):
         Model(path, providers=["NoSuchExecutionProvider"])
-    assert Model(path, providers=["CPUExecutionProvider"]).run(np.zeros((1, 64), np.float32)
-                                                               ).shape == (1, 64)
+    # (name, options) pairs are ONNX Runtime's other form.
+    cpu = Model(path, providers=[("CPUExecutionProvider", {})])
+    assert cpu.run(np.zeros((1, 64), np.float32)).shape == (1, 64)
 
 
 def test_cli_export_refuses_paths_that_would_destroy_data(saved, tmp_path, capsys):
