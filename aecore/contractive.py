@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from aecore.autoencoder import Encoder, PenalizedAutoEncoder
 from aecore.kernels.contractive import contractive_penalty
@@ -63,11 +65,35 @@ def _probes(shape: tuple[int, ...], x: torch.Tensor, distribution: str,
 def _hutchinson(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probes: int,
                 distribution: str, generator: torch.Generator | None) -> torch.Tensor:
     B = x.shape[0]
+    # Probes of one sample share the batch with the others' (below), so batch statistics
+    # would couple them: each estimate would no longer be of that sample's own Jacobian.
+    if isinstance(encoder, nn.Module):
+        for name, m in encoder.named_modules():
+            if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+                raise ValueError(
+                    f"method='hutchinson' estimates each sample's Jacobian from probes run "
+                    f"as independent samples, but batch-norm module {name or type(m).__name__!r}"
+                    f" uses batch statistics (training mode or track_running_stats=False), "
+                    f"which couple the samples; call encoder.eval() (with running statistics)")
     # All probes in one batch: one forward-mode pass instead of `probes` of them.
     xs = x.unsqueeze(0).expand(probes, *x.shape).reshape(probes * B, *x.shape[1:])
     v = _probes(tuple(xs.shape), x, distribution, generator)
     _, jv = torch.func.jvp(encoder, (xs,), (v,))
-    return jv.reshape(probes, B, -1).pow(2).sum(-1).mean(0)
+    if not isinstance(jv, torch.Tensor):
+        what = type(jv).__name__
+        if isinstance(jv, (tuple, list)):
+            what += f" of {[type(t).__name__ for t in jv]}"
+        raise TypeError(f"method='hutchinson' needs an encoder that returns a tensor (B, ...), "
+                        f"got a {what}")
+    if jv.dim() == 0 or jv.shape[0] != probes * B:
+        raise ValueError(f"method='hutchinson' needs an encoder that returns a tensor (B, ...) "
+                         f"with one row per input sample; for {probes * B} inputs it returned "
+                         f"shape {tuple(jv.shape)}")
+    # Explicit width, not -1: B = 0 leaves it undetermined.
+    sq = jv.reshape(probes, B, math.prod(jv.shape[1:])).pow(2).sum(-1).mean(0)
+    if B == 0:
+        sq = sq + 0 * x.sum()  # connected to x, as the penalty of a nonempty batch is
+    return sq
 
 
 def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -83,7 +109,9 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     samples independently and supports forward-mode AD: the mean of ||J v||^2 over ``probes``
     random v (``distribution`` "rademacher" or "gaussian", drawn from ``generator``), an unbiased
     estimate since E[v v^T] = I. Its variance per probe is 2 (||J^T J||_F^2 - sum_i (J^T J)_ii^2)
-    for Rademacher probes, 2 ||J^T J||_F^2 for Gaussian ones.
+    for Rademacher probes, 2 ||J^T J||_F^2 for Gaussian ones. The probes run as extra samples of
+    one batch, so batch norm must use running statistics (eval mode; ValueError otherwise);
+    dropout in training mode draws a mask per probe, so the estimate is of E_mask ||J_mask||_F^2.
 
     Both are differentiable w.r.t. x and the encoder's parameters.
     """

@@ -41,9 +41,9 @@ included).
 
 The op ``aecore::contractive_penalty`` is a custom op with its own backward (the gradient is
 not the autograd of the forward: it reuses the kept products and skips the ds_l terms of
-activations whose second derivative is zero). Under export the public function runs
-:func:`contractive_penalty_reference`, plain differentiable torch math. Double backward is not
-supported by the op.
+activations whose second derivative is zero). Under export, torch.func transforms (vmap, jvp,
+jacfwd) and forward-mode AD the public function runs :func:`contractive_penalty_reference`,
+plain differentiable torch math. Double backward is not supported by the op.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from aecore.kernels._activations import (
     activation_id,
     apply_act,
 )
-from aecore.kernels._backend import check_like, exporting, interpreting, resolve
+from aecore.kernels._backend import check_like, exporting, interpreting, resolve, transformed
 
 __all__ = ["contractive_penalty", "contractive_penalty_reference", "plan", "ORDERS"]
 
@@ -328,6 +328,8 @@ def _mm(a, b, use_triton, *, bias=None, rs=None, gs=None, group=1, ks=None, rowd
             q = torch.einsum("mn,mn->m", o, o)
         return (o if store_out else None), pre, q
     bm, bn, bk, warps = _gemm_blocks()
+    # The kernel reads these vectors with unit stride (a bias may be a strided view).
+    bias, rs, gs, ks = (None if t is None else t.contiguous() for t in (bias, rs, gs, ks))
     if out is None and store_out:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     pre = torch.empty((M, N), device=a.device, dtype=a.dtype) if store_pre else None
@@ -615,16 +617,19 @@ def _penalty_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: list[torc
     activations = [ACTIVATIONS[i] for i in act_ids]
     dx, dws, dbs = _backward(grad, x, weights, _expand(biases, has_bias), activations,
                              negative_slope, order, saved, use_triton)
-    out = [dx.to(x.dtype)]
-    out += [dw.to(w.dtype) for dw, w in zip(dws, weights)]
-    out += [db.to(b.dtype) for db, b in zip([d for d in dbs if d is not None], biases)]
+    # Contiguous, whatever the inputs' strides: the fake kernel below promises exactly that.
+    out = [dx.to(x.dtype).contiguous()]
+    out += [dw.to(w.dtype).contiguous() for dw, w in zip(dws, weights)]
+    out += [db.to(b.dtype).contiguous()
+            for db, b in zip([d for d in dbs if d is not None], biases)]
     return out
 
 
 @_penalty_backward_op.register_fake
 def _(grad, x, weights, biases, has_bias, act_ids, negative_slope, order, use_triton, saved):
-    return ([torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
-            + [torch.empty_like(b) for b in biases])
+    # new_empty, not empty_like: the real op's results are contiguous, not in x's strides
+    # (inductor asserts the strides the fake promises).
+    return [t.new_empty(t.shape) for t in (x, *weights, *biases)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -718,10 +723,12 @@ def contractive_penalty(x: torch.Tensor, weights: Sequence[torch.Tensor],
     tensors = [x, *weights, *[b for b in biases if b is not None]]
     which = resolve(backend, *tensors)
     slope = float(negative_slope)
-    if exporting():
+    # The op has no forward-mode or functorch rules (vmap, jvp, jacfwd): the reference has.
+    if exporting() or transformed(*tensors):
         return contractive_penalty_reference(x, weights, biases, activations, slope)
     if x.shape[0] == 0:
-        return x.new_zeros((0,)) + 0 * sum(w.sum() for w in weights)
+        # Connected to every input, so gradients are zeros of their shapes, not errors.
+        return x.new_zeros((0,)) + 0 * sum(t.sum() for t in tensors)
     order = plan(x.shape[0], [x.shape[1], *[w.shape[0] for w in weights]])
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     act_ids = [activation_id(a) for a in activations]

@@ -81,7 +81,8 @@ def _terms(d, widths):
     return BATCH * math.prod([d, *widths])
 
 
-def _compare(d, widths, acts, backend, dtype, *, bias=True, slope=0.01, transform=None):
+def _compare(d, widths, acts, backend, dtype, *, bias=True, slope=0.01, transform=None,
+             bias_transform=None):
     x, ws, bs = _problem(d, widths, bias=bias)
     P0, g0 = _grads(lambda x_, w_, b_: oracle(x_, w_, b_, acts, slope), x, ws, bs)
 
@@ -90,6 +91,8 @@ def _compare(d, widths, acts, backend, dtype, *, bias=True, slope=0.01, transfor
         b_ = [None if b is None else b.to(dtype) for b in b_]
         if transform is not None:
             x_, w_ = transform(x_, w_)
+        if bias_transform is not None:
+            b_ = [None if b is None else bias_transform(b) for b in b_]
         return contractive_penalty(x_, w_, b_, acts, negative_slope=slope, backend=backend)
 
     P, g = _grads(ours, x, ws, bs)
@@ -142,6 +145,24 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, [17]), (17, [5, 3]), (3, [17, 3])],
+                         ids=["closed", "gram", "direct"])
+def test_strided_biases(backend, shape):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+
+    def strided(b):
+        # Every other element of a (h, 2) buffer whose other column is far off.
+        b = torch.stack([b, torch.full_like(b, 100.0)], 1)[:, 0]
+        assert b.stride() == (2,)
+        return b
+
+    d, widths = shape
+    order = plan(BATCH, [d, *widths])
+    assert order == {3: "direct", 17: "gram"}[d] if len(widths) > 1 else order == "closed"
+    _compare(d, widths, ["tanh"] * len(widths), backend, dtype, bias_transform=strided)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(backend, dtype):
     x, ws, bs = _problem(17, [5, 3])
@@ -189,6 +210,97 @@ def test_custom_op_passes_opcheck():
                           (x, ws, bs, [True, False], ids, 0.01, "gram", False, True))
 
 
+def _fake_run(op, args):
+    """The op's outputs under FakeTensorMode (its register_fake kernel) for real ``args``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    mode = FakeTensorMode()
+    fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                         args)
+    with mode:
+        return op(*fake_args)
+
+
+@pytest.mark.parametrize("order", ["closed", "gram", "direct"])
+def test_fake_kernels_match_the_real_ops(order):
+    # Strided x, weights and biases, half precision: every output's shape, strides and dtype.
+    widths = [5] if order == "closed" else [5, 3]
+    x, ws, bs = _problem(17, widths)
+    x = x.half().t().contiguous().t()
+    ws = [w.half().t().contiguous().t() for w in ws]
+    bs = [torch.stack([b, b], 1)[:, 0].half() for b in bs]
+    ids = [ACTIVATIONS.index("tanh")] * len(ws)
+    fwd = torch.ops.aecore.contractive_penalty.default
+    bwd = torch.ops.aecore.contractive_penalty_backward.default
+    for keep in (True, False):
+        args = (x, ws, bs, [True] * len(ws), ids, 0.01, order, False, keep)
+        runs = [(fwd(*args), _fake_run(fwd, args))]
+        if keep:
+            grad = torch.ones(BATCH, dtype=torch.float16)
+            bargs = (grad, x, ws, bs, [True] * len(ws), ids, 0.01, order, False,
+                     [grad, *runs[0][0][1:]])
+            runs.append((bwd(*bargs), _fake_run(bwd, bargs)))
+        for real, fake in runs:
+            assert len(real) == len(fake)
+            for i, (r, f) in enumerate(zip(real, fake)):
+                assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), i
+
+
+def test_inductor_compile_with_non_contiguous_x():
+    # Inductor asserts the strides the fake kernels promise (aot_eager does not).
+    x, ws, bs = _problem(17, [5, 3])
+    x = x.float().t().contiguous().t().requires_grad_()
+    ws = [w.float().requires_grad_() for w in ws]
+    bs = [b.float().requires_grad_() for b in bs]
+    assert not x.is_contiguous()
+
+    def f(x_, w0, w1, b0, b1):
+        return contractive_penalty(x_, [w0, w1], [b0, b1], ["tanh", "sigmoid"]).sum()
+
+    torch._dynamo.reset()
+    # No cached graph: it would have been compiled against some other fake kernel.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = torch.compile(f, backend="inductor", fullgraph=True)(x, *ws, *bs)
+        grads = torch.autograd.grad(out, [x, *ws, *bs])
+    expected = torch.autograd.grad(f(x, *ws, *bs), [x, *ws, *bs])
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("shape", [(3, [17]), (17, [5, 3]), (3, [17, 3])],
+                         ids=["closed", "gram", "direct"])
+def test_forward_mode_and_functorch_transforms(shape):
+    # The op has no forward-mode rules: under these transforms the reference math runs.
+    import torch.autograd.forward_ad as fwAD
+
+    d, widths = shape
+    x, ws, bs = _problem(d, widths)
+    acts = ["tanh"] * (len(widths) - 1) + ["softplus"]
+    ours = lambda x_: contractive_penalty(x_, ws, bs, acts)  # noqa: E731
+    orc = lambda x_: oracle(x_, ws, bs, acts)  # noqa: E731
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    k = _terms(d, widths)
+    close = lambda a, e: assert_close(a, e, torch.float64, k=k,  # noqa: E731
+                                      scale=float(e.abs().max()))
+    P, jvp = torch.func.jvp(ours, (x,), (t,))
+    P0, jvp0 = torch.func.jvp(orc, (x,), (t,))
+    close(P, P0)
+    assert jvp.abs().max() > 0
+    close(jvp, jvp0)
+    close(torch.func.jacfwd(ours)(x), torch.func.jacrev(orc)(x))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x, t))).tangent
+    close(tangent, jvp0)
+    # ... and w.r.t. a weight.
+    tw = torch.ones_like(ws[0])
+    close(torch.func.jvp(lambda w: contractive_penalty(x, [w, *ws[1:]], bs, acts), (ws[0],),
+                         (tw,))[1],
+          torch.func.jvp(lambda w: oracle(x, [w, *ws[1:]], bs, acts), (ws[0],), (tw,))[1])
+    close(torch.func.vmap(lambda v: ours(v[None])[0])(x), P0)
+    close(torch.func.grad(lambda v: ours(v).sum())(x), torch.func.grad(lambda v: orc(v).sum())(x))
+
+
 def test_torch_compile_runs_the_op():
     x, ws, bs = _problem(17, [5, 3])
     fn = torch.compile(lambda x_, w_, b_: contractive_penalty(x_, w_, b_, ["tanh", "relu"]),
@@ -203,6 +315,16 @@ def test_empty_batch():
     assert P.shape == (0,)
     P.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))
+    # Gradients w.r.t. x and the biases too, also when no weight requires one.
+    for widths in ([3], [3, 2]):
+        x0 = torch.zeros(0, 4, requires_grad=True)
+        ws = [torch.randn(3, 4), torch.randn(2, 3)][:len(widths)]
+        bs = [torch.randn(h, requires_grad=True) for h in widths]
+        P = contractive_penalty(x0, ws, bs, ["tanh"] * len(widths))
+        assert P.shape == (0,) and P.dtype == x0.dtype
+        grads = torch.autograd.grad(P.sum(), [x0, *bs])
+        for g, t in zip(grads, [x0, *bs]):
+            assert torch.equal(g, torch.zeros_like(t))
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
@@ -295,6 +417,45 @@ def test_exact_contractive_rejects_other_encoders():
         contractive(seq, torch.randn(2, 4), method="hutchinson", distribution="uniform")
     with pytest.raises(TypeError, match="x must be a floating point tensor"):
         contractive(seq, torch.ones(2, 4, dtype=torch.int32), method="hutchinson")
+
+
+def test_hutchinson_empty_batch():
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x0 = torch.zeros(0, 6, requires_grad=True)
+    est = contractive(enc, x0, method="hutchinson", probes=3)
+    assert est.shape == (0,)
+    params = [x0, *enc.parameters()]
+    # The last bias is unused as for any batch (J does not depend on it); x is used.
+    grads = torch.autograd.grad(est.sum(), params, allow_unused=True)
+    assert grads[0] is not None and grads[1] is not None
+    for g, t in zip(grads, params):
+        assert g is None or torch.equal(g, torch.zeros_like(t))
+
+
+def test_hutchinson_rejects_tuple_outputs_and_batch_statistics():
+    class TupleEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h, h.exp()
+
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"encoder that returns a tensor \(B, \.\.\.\), got a "
+                                        r"tuple of \['Tensor', 'Tensor'\]"):
+        contractive(TupleEncoder(), x, method="hutchinson")
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match=r"batch-norm module '1' uses batch statistics.*"
+                                         r"couple the samples; call encoder.eval\(\)"):
+        contractive(bn, x, method="hutchinson")
+    assert contractive(bn.eval(), x, method="hutchinson").shape == (2,)
+    no_stats = torch.nn.Sequential(torch.nn.Linear(4, 3),
+                                   torch.nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="uses batch statistics"):
+        contractive(no_stats, x, method="hutchinson")
 
 
 class _ConvEncoder(torch.nn.Module):
