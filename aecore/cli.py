@@ -33,20 +33,29 @@ def _cmd_train(args) -> int:
         USES_LABELS,
         Sizes,
         build,
+        check_sizes,
         default_epochs,
         train_targets,
     )
-    from aecore.io import save_model
+    from aecore.io import check_output_dir, save_model
     from aecore.plots import plot_history
     from aecore.train import Trainer, TrainingDiverged, init_distributed
 
+    # Checked before anything is loaded or trained: bad values would only fail later, or
+    # quietly mean something else (--limit 0: all samples).
+    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    check_output_dir(Path(args.out) / "checkpoints", "--out")
+    sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
+                  channels=args.channels, weight=args.weight)
+    check_sizes(sizes)
     rank, _ = init_distributed()
     torch.manual_seed(args.seed)
     data = datasets.load(args.data, root=args.data_root, seed=args.seed)
-    if args.limit:
+    if args.limit is not None:
         data = data.subset(args.limit, args.limit)
-    sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
-                  channels=args.channels, weight=args.weight)
     model = build(args.model, data, sizes)
     flat = args.model not in IMAGE_INPUT
     x = data.inputs("train", flat=flat)
@@ -93,10 +102,11 @@ def _cmd_train(args) -> int:
     if model.latent_dim == 2 and not data.is_image:
         from aecore.plots import plot_latent_2d
 
+        device = next(model.parameters()).device
         with torch.no_grad():
-            code = model.encode(torch.from_numpy(data.inputs("test", flat=flat)))
+            code = model.encode(torch.from_numpy(data.inputs("test", flat=flat)).to(device))
         code = code[0] if isinstance(code, tuple) else code
-        plot_latent_2d(code.numpy(), out / "latent.png", color=data.labels("test"),
+        plot_latent_2d(code.cpu().numpy(), out / "latent.png", color=data.labels("test"),
                        title=f"{args.model} codes of {data.name}")
     print("test " + "  ".join(f"{k}={v:.5g}" for k, v in test.items()))
     print(f"saved {out}")

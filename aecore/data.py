@@ -122,6 +122,9 @@ def _split(x: np.ndarray, y: np.ndarray | None, test_fraction: float, seed: int)
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
+    if n_test >= len(x):
+        raise ValueError(f"test_fraction={test_fraction} of {len(x)} samples leaves no training "
+                         "samples: use a smaller test_fraction or more data")
     te, tr = order[:n_test], order[n_test:]
     return x[tr], (None if y is None else y[tr]), x[te], (None if y is None else y[te])
 
@@ -150,13 +153,16 @@ def load_swiss_roll(n: int = 4000, noise: float = 0.05, test_fraction: float = 0
 def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
                label_column: int | None = None) -> Dataset:
     """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F), optionally with a
-    label column. Tabular data gets per-feature standardisation fitted on the train split;
-    (N, H, W) / (N, C, H, W) arrays are treated as images scaled by their max."""
+    label column of class ids. Tabular data gets per-feature standardisation fitted on the train
+    split; (N, H, W) / (N, C, H, W) arrays are treated as images and scaled to [0, 1] by the
+    train split's range (by its max alone when it has no negative values)."""
+    from aecore.io import load_npy
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".npy":
-        x = np.load(path, allow_pickle=False)
+        x = load_npy(path, f"data file {str(path)!r}")
     elif path.suffix == ".csv":
         x = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     else:
@@ -170,17 +176,33 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     if label_column is not None:
         if x.ndim != 2:
             raise ValueError("label_column needs a 2-D table")
-        y = x[:, label_column].astype(np.int64)
+        cols = x.shape[1]
+        if (not isinstance(label_column, (int, np.integer)) or isinstance(label_column, bool)
+                or not -cols <= label_column < cols or cols < 2):
+            raise ValueError(f"label_column must be a column index of the {cols} columns in "
+                             f"{str(path)!r} (leaving at least one feature), got {label_column!r}")
+        y = x[:, label_column]
+        if not (np.all(np.isfinite(y)) and np.all(y >= 0) and np.all(y == np.round(y))
+                and np.all(y < 2 ** 31)):
+            raise ValueError(f"labels (column {label_column}) in {str(path)!r} must be class ids: "
+                             "finite non-negative integers")
+        y = y.astype(np.int64)
         x = np.delete(x, label_column, axis=1)
+    with np.errstate(over="ignore"):
+        x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"data in {str(path)!r} contains NaN or Inf")
-    x = x.astype(np.float32)
+        raise ValueError(f"data in {str(path)!r} contains NaN or Inf (or values beyond float32's "
+                         "range, about 3.4e38)")
     if x.ndim == 3:
         x = x[:, None]
     parts = _split(x, y, test_fraction, seed)
     if x.ndim == 4:
-        peak = float(np.abs(parts[0]).max()) or 1.0
-        norm = Normalization(mean=0.0, std=peak)
+        # Into [0, 1], which the sigmoid output of image models spans.
+        lo, hi = float(parts[0].min()), float(parts[0].max())
+        if lo >= 0:
+            norm = Normalization(mean=0.0, std=hi or 1.0)
+        else:
+            norm = Normalization(mean=lo, std=(hi - lo) or 1.0)
     else:
         parts = (parts[0].reshape(len(parts[0]), -1), parts[1],
                  parts[2].reshape(len(parts[2]), -1), parts[3])

@@ -39,6 +39,8 @@ def default_epochs(n_train: int, batch_size: int, min_steps: int = 1500) -> int:
     """10 epochs, or more on small data sets so that training runs at least ``min_steps``
     optimizer steps (the swiss roll's 2880 training points make 23 batches of 128 an epoch,
     so 66 epochs)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size}")
     steps = max(1, -(-n_train // batch_size))
     return max(10, -(-min_steps // steps))
 
@@ -46,6 +48,21 @@ def default_epochs(n_train: int, batch_size: int, min_steps: int = 1500) -> int:
 def default_latent(data: Dataset) -> int:
     d = data.input_dim
     return 32 if d >= 512 else 2 if d <= 3 else max(d // 4, 2)
+
+
+def check_sizes(s: Sizes) -> None:
+    """Reject sizes that are given but unusable: the builders' ``s.x or default`` would quietly
+    replace 0 or an empty list by the default."""
+    def positive(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if s.latent is not None and not positive(s.latent):
+        raise ValueError(f"--latent must be a positive integer, got {s.latent!r}")
+    for flag, sizes in (("--hidden", s.hidden), ("--channels", s.channels)):
+        if sizes is not None and (not isinstance(sizes, (list, tuple)) or not sizes
+                                  or not all(positive(v) for v in sizes)):
+            raise ValueError(f"{flag} must be a comma-separated list of positive integers, "
+                             f"got {sizes!r}")
 
 
 def _mlp_kwargs(data: Dataset, s: Sizes) -> dict:
@@ -167,6 +184,8 @@ def build(name: str, data: Dataset, sizes: Sizes | None = None):
                          f"{data.sample_shape}")
     if name in USES_LABELS and data.num_classes is None:
         raise ValueError(f"model {name!r} needs labelled data; {data.name!r} has no labels")
-    model = BUILDERS[name](data, sizes or Sizes())
+    sizes = sizes or Sizes()
+    check_sizes(sizes)
+    model = BUILDERS[name](data, sizes)
     model.normalization = data.normalization
     return model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable
@@ -106,6 +107,18 @@ def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = ()
     return out
 
 
+def check_output_dir(out: str | os.PathLike, name: str = "--out") -> Path:
+    """``out`` as a Path, after checking that it can be a folder: neither it nor any folder
+    above it is an existing file (which would fail only when the first file is written)."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{name} must be a folder path; {str(p)!r} is an existing file")
+            break
+    return out
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -132,16 +145,25 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 def save_model(model, directory: str | os.PathLike, history: list[dict] | None = None,
                extra: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` as a folder: model.safetensors, config.json and (if given) history.json.
+    """Save ``model`` as a folder: the weights (safetensors), config.json and (if given)
+    history.json.
 
-    Each file is replaced atomically; config.json is written last, so a folder with a
-    config always has complete weights beside it.
+    config.json names the weights file and is replaced last, atomically, so a folder always
+    holds a matching (config, weights) pair, even after a crash while saving over an older
+    model: new weights go to a file the current config does not name (model.safetensors when
+    free, else model-<random hex>.safetensors), and the old weights are deleted only once the
+    new config is in place.
     """
     import aecore
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_state(directory / WEIGHTS, model.state_dict())
+    try:
+        current = _weights_name(read_config(directory))
+    except (FileNotFoundError, ValueError):  # no (readable) model here yet
+        current = None
+    name = WEIGHTS if current != WEIGHTS else f"model-{secrets.token_hex(4)}.safetensors"
+    save_state(directory / name, model.state_dict())
     if history is not None:
         write_json(directory / HISTORY, history)
     norm = model.normalization
@@ -151,9 +173,23 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
         "kwargs": model.config(),
         "normalization": None if norm is None else norm.to_dict(),
         **(extra or {}),
+        "weights": name,
     }
     write_json(directory / CONFIG, config)
+    # The old weights, and any left by an earlier save that crashed before its config.
+    for p in [directory / WEIGHTS, *directory.glob("model-*.safetensors")]:
+        if p.name != name and p.is_file():
+            p.unlink()
     return directory
+
+
+def _weights_name(config: dict[str, Any]) -> str:
+    """The weights file a model folder's config names (model.safetensors for folders saved
+    before config.json named it)."""
+    name = config.get("weights", WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError(f"{CONFIG}: 'weights' must be a .safetensors file name, got {name!r}")
+    return name
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -170,7 +206,7 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
 
     config = read_config(directory)
     model = model_class(config["family"])(**config["kwargs"])
-    state = load_file(str(Path(directory) / WEIGHTS), device=str(map_location))
+    state = load_file(str(Path(directory) / _weights_name(config)), device=str(map_location))
     model.load_state_dict(state)
     model.normalization = Normalization.from_dict(config.get("normalization"))
     return model.to(map_location).eval()

@@ -19,9 +19,27 @@ class Normalization:
     std: float | list[float]
 
     def __post_init__(self):
-        std = np.asarray(self.std, dtype=np.float64)
+        arrays = {}
+        for name in ("mean", "std"):
+            try:
+                arrays[name] = np.asarray(getattr(self, name), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"Normalization.{name} must be a number or a list of numbers, "
+                                 f"got {getattr(self, name)!r}") from None
+        with np.errstate(over="ignore", under="ignore"):  # checked in float32, as applied
+            mean, std = (arrays[k].astype(np.float32) for k in ("mean", "std"))
         if not np.all(np.isfinite(std)) or np.any(std <= 0):
             raise ValueError("Normalization.std must be finite and positive")
+        if not np.all(np.isfinite(mean)):
+            raise ValueError("Normalization.mean must be finite")
+        shapes_ok = mean.ndim <= 1 and std.ndim <= 1 and mean.size > 0 and std.size > 0
+        try:
+            np.broadcast_shapes(mean.shape, std.shape)
+        except ValueError:
+            shapes_ok = False
+        if not shapes_ok:
+            raise ValueError(f"Normalization.mean and std must be numbers or per-feature lists of "
+                             f"one length, got shapes {mean.shape} and {std.shape}")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Raw data -> model inputs (float32)."""
@@ -38,7 +56,12 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Normalization | None:
-        return None if d is None else cls(mean=d["mean"], std=d["std"])
+        if d is None:
+            return None
+        if not isinstance(d, dict) or not {"mean", "std"} <= set(d):
+            raise ValueError(f"a saved normalization must be a mapping with 'mean' and 'std', "
+                             f"got {d!r}")
+        return cls(mean=d["mean"], std=d["std"])
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Normalization:

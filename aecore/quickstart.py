@@ -11,7 +11,7 @@ import torch
 
 from aecore import data as datasets
 from aecore.families import Sizes, build
-from aecore.io import save_model
+from aecore.io import check_output_dir, save_model
 from aecore.plots import plot_history, save_image_grid
 from aecore.train import Trainer
 
@@ -29,16 +29,19 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
         seed: int = 0, data_root: str | None = None, progress: bool = True) -> dict:
     """Train, evaluate and plot; returns the numbers it printed."""
     t0 = time.perf_counter()
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {epochs}")
     out = Path(out)
+    check_output_dir(out / "model", "--out")  # before training, not after
     torch.manual_seed(seed)
     if datasets.find_fashion_mnist(data_root) is not None:
         data = datasets.load_fashion_mnist(data_root)
-        epochs = epochs or 15
+        epochs = 15 if epochs is None else epochs
     else:
         print("Fashion-MNIST not found (sudo apt-get install dataset-fashion-mnist); "
               "using scikit-learn's digits instead.")
         data = datasets.load_digits(seed=seed)
-        epochs = epochs or 150
+        epochs = 150 if epochs is None else epochs
     hidden = [512, 128] if data.input_dim >= 512 else [48]
     latent = min(latent, data.input_dim // 2)
     model = build("ae", data, Sizes(hidden=hidden, latent=latent))
@@ -49,8 +52,9 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     trainer = Trainer(model, lr=2e-3, batch_size=256, epochs=epochs, seed=seed, progress=progress)
     history = trainer.fit(x_train)
 
+    device = next(model.parameters()).device  # where the Trainer put it (CUDA if available)
     with torch.no_grad():
-        recon = model(torch.from_numpy(x_test)).numpy()
+        recon = model(torch.from_numpy(x_test).to(device)).cpu().numpy()
     ae_mse = float(np.mean((recon - x_test) ** 2))
     base_mse = pca_mse(x_train, x_test, latent, seed)
     print(f"test reconstruction MSE  autoencoder: {ae_mse:.5f}   PCA ({latent} components): "

@@ -95,3 +95,66 @@ def test_normalization_round_trip():
     assert Normalization.from_dict(n.to_dict()) == n
     with pytest.raises(ValueError, match="std"):
         Normalization(mean=0.0, std=0.0)
+
+
+def test_user_npy_must_be_one_real_array(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 4))
+    np.savez(tmp_path / "a.npz", a=x)
+    (tmp_path / "a.npz").rename(tmp_path / "arch.npy")  # an archive under a .npy name
+    with pytest.raises(ValueError, match="npz"):
+        data.load_array(tmp_path / "arch.npy")
+    np.save(tmp_path / "cplx.npy", (x + 1j * x).astype(np.complex64))  # would lose x.imag
+    with pytest.raises(TypeError, match="complex64"):
+        data.load_array(tmp_path / "cplx.npy")
+    np.save(tmp_path / "big.npy", np.full((50, 4), 1e39))  # finite, but inf as float32
+    with pytest.raises(ValueError, match="big.npy.*NaN or Inf"):
+        data.load_array(tmp_path / "big.npy")
+
+
+@pytest.mark.parametrize("bad", [np.nan, 2.7, -1.0, 1e30])
+def test_user_labels_must_be_class_ids(tmp_path, bad):
+    table = np.c_[np.random.default_rng(0).normal(size=(50, 3)), np.arange(50) % 3]
+    table[7, 3] = bad
+    np.savetxt(tmp_path / "lab.csv", table, delimiter=",")
+    with pytest.raises(ValueError, match=r"labels \(column 3\) in .*lab.csv"):
+        data.load_array(tmp_path / "lab.csv", label_column=3)
+
+
+def test_user_label_column_and_split_sizes(tmp_path):
+    table = np.c_[np.random.default_rng(0).normal(size=(50, 3)), np.arange(50) % 3]
+    np.savetxt(tmp_path / "lab.csv", table, delimiter=",")
+    for col in (9, -5):
+        with pytest.raises(ValueError, match="label_column must be a column index of the 4"):
+            data.load_array(tmp_path / "lab.csv", label_column=col)
+    d = data.load_array(tmp_path / "lab.csv", label_column=-1)
+    assert d.sample_shape == (3,) and d.num_classes == 3
+    with pytest.raises(ValueError, match="leaves no training samples"):
+        data.load_array(tmp_path / "lab.csv", test_fraction=0.99)
+
+
+def test_user_images_with_negatives_scale_to_unit_range(tmp_path):
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "img.npy", rng.uniform(-3.0, 5.0, (40, 2, 5, 5)).astype(np.float32))
+    d = data.load_array(tmp_path / "img.npy")
+    x = d.inputs("train")  # the range of the sigmoid output of image models
+    assert x.min() == 0.0 and x.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(d.normalization.invert(x), d.x_train.reshape(len(x), -1),
+                               atol=1e-5)
+    np.save(tmp_path / "pos.npy", rng.uniform(0.5, 8.0, (40, 5, 5)).astype(np.float32))
+    n = data.load_array(tmp_path / "pos.npy").normalization  # non-negative: scaled by the max
+    assert n.mean == 0.0 and 7.0 < n.std <= 8.0
+    np.save(tmp_path / "flat.npy", np.full((40, 5, 5), -2.0, np.float32))
+    assert data.load_array(tmp_path / "flat.npy").normalization == Normalization(-2.0, 1.0)
+
+
+def test_normalization_checks_mean():
+    for mean in (float("nan"), [0.0, float("inf")], 1e39):
+        with pytest.raises(ValueError, match="mean must be finite"):
+            Normalization(mean=mean, std=1.0)
+    with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
+        Normalization(mean=[0.0, 1.0, 2.0], std=[1.0, 2.0])
+    with pytest.raises(ValueError, match="number or a list of numbers"):
+        Normalization(mean="a", std=1.0)
+    with pytest.raises(ValueError, match="'mean' and 'std'"):
+        Normalization.from_dict({"std": 1.0})
+    assert Normalization(mean=[0.0, 1.0], std=2.0).apply(np.ones((1, 2))).tolist() == [[0.5, 0]]

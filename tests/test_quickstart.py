@@ -12,3 +12,15 @@ def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys):
     for name in ("model/model.safetensors", "model/config.json", "model/history.json",
                  "reconstructions.png", "loss.png"):
         assert (tmp_path / "qs" / name).is_file(), name
+
+
+def test_quickstart_checks_epochs_and_out_before_training(tmp_path):
+    import pytest
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(ValueError, match="--out must be a folder path.*is an existing file"):
+        run(out=tmp_path / "file", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
+    assert (tmp_path / "file").read_text() == "keep me"
+    with pytest.raises(ValueError, match="--epochs must be a positive integer, got 0"):
+        run(out=tmp_path / "qs", epochs=0, data_root=str(tmp_path / "empty"), progress=False)
+    assert not (tmp_path / "qs").exists()

@@ -1,0 +1,104 @@
+"""``aecore train`` rejects bad options before loading or training; model folders survive a
+crash while being saved over."""
+
+import json
+
+import pytest
+import torch
+
+import aecore.io
+from aecore.autoencoder import AutoEncoder
+from aecore.cli import main
+from aecore.io import load_model, save_model
+
+FAST = {"--model": "ae", "--data": "digits", "--epochs": "1", "--limit": "50",
+        "--hidden": "16"}
+
+
+def _train(tmp_path, **flags) -> list[str]:
+    opts = {**FAST, "--out": str(tmp_path / "run"), **flags}
+    return ["train", "--quiet", *[t for k, v in opts.items() if v is not None for t in (k, v)]]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be a positive integer, got 0"),
+    ("--epochs", "0", "--epochs must be a positive integer, got 0"),
+    ("--limit", "0", "--limit must be a positive integer, got 0"),
+    ("--limit", "-5", "--limit must be a positive integer, got -5"),
+    ("--latent", "0", "--latent must be a positive integer, got 0"),
+    ("--hidden", ",", "--hidden must be a comma-separated list of positive integers"),
+    ("--hidden", "16,0", "--hidden must be a comma-separated list of positive integers"),
+    ("--channels", ",", "--channels must be a comma-separated list of positive integers"),
+])
+def test_train_rejects_bad_numbers_up_front(tmp_path, capsys, flag, value, message):
+    # --batch-size 0 crashed in default_epochs, which only runs without --epochs.
+    extra = {"--epochs": None} if flag == "--batch-size" else {}
+    assert main(_train(tmp_path, **extra, **{flag: value})) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing trained or written
+
+
+def test_train_out_must_not_be_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("keep me")
+    assert main(_train(tmp_path)) == 2
+    assert "--out must be a folder path" in capsys.readouterr().err
+    assert (tmp_path / "run").read_text() == "keep me"
+    assert main(_train(tmp_path, **{"--out": str(tmp_path / "run" / "sub")})) == 2
+
+
+def _ae(hidden: int) -> AutoEncoder:
+    torch.manual_seed(hidden)
+    return AutoEncoder(12, [hidden], 2).eval()
+
+
+def test_save_model_over_a_folder_survives_a_crash(tmp_path, monkeypatch):
+    old = _ae(6)
+    save_model(old, tmp_path / "m")
+    write_json = aecore.io.write_json
+
+    def crash_on_config(path, obj):
+        if path.name == aecore.io.CONFIG:
+            raise KeyboardInterrupt("killed while saving")
+        return write_json(path, obj)
+
+    monkeypatch.setattr(aecore.io, "write_json", crash_on_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(_ae(8), tmp_path / "m")  # the new weights are written, the config is not
+    monkeypatch.undo()
+    x = torch.rand(3, 12)
+    torch.testing.assert_close(load_model(tmp_path / "m")(x), old(x))  # still the old model
+
+    new = _ae(8)
+    save_model(new, tmp_path / "m")
+    torch.testing.assert_close(load_model(tmp_path / "m")(x), new(x))
+    # One weights file left: the crashed save's and the old ones are gone.
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) == 1
+    save_model(old, tmp_path / "m")
+    torch.testing.assert_close(load_model(tmp_path / "m")(x), old(x))
+    assert [p.name for p in (tmp_path / "m").glob("*.safetensors")] == ["model.safetensors"]
+
+
+def test_load_model_reads_folders_saved_before_config_named_the_weights(tmp_path):
+    model = _ae(6)
+    save_model(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config.pop("weights") == "model.safetensors"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    x = torch.rand(3, 12)
+    torch.testing.assert_close(load_model(tmp_path / "m")(x), model(x))
+    config["weights"] = "../elsewhere.safetensors"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'weights' must be a .safetensors file name"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Trainer moves the "
+                    "model there, and evaluation must move its inputs along")
+def test_quickstart_and_train_evaluate_on_cuda(tmp_path):
+    from aecore.quickstart import run
+
+    run(out=tmp_path / "qs", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
+    # A 2-D code on tabular data: the latent plot encodes the test set on the model's device.
+    assert main(["train", "--quiet", "--model", "ae", "--data", "swiss-roll", "--epochs", "1",
+                 "--limit", "200", "--out", str(tmp_path / "sr")]) == 0
+    assert (tmp_path / "sr" / "latent.png").is_file()
