@@ -1,12 +1,15 @@
 """Training checkpoints that survive crashes: each is a complete folder, and ``latest.json``
-(replaced atomically, last) names the newest one. A crash mid-save leaves the pointer on the
-previous complete checkpoint. Tensors go to safetensors, everything else to JSON."""
+(replaced atomically, last) names the newest one. A checkpoint is written under a temporary
+name and renamed into place, never over the folder the pointer names, so a crash mid-save
+leaves the pointer on the previous complete checkpoint. Tensors go to safetensors, everything
+else to JSON. Each checkpoint records its model's family and config, checked on load."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,39 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """{"family", "config"} of ``model`` in JSON form (config None for a model without one)."""
+    try:
+        config = model.config()
+    except (AttributeError, NotImplementedError):
+        config = None
+    family = getattr(model, "family", "") or type(model).__name__
+    # Through JSON so that it compares equal to what a checkpoint read back holds (tuples...).
+    return json.loads(json.dumps({"family": family, "config": config}))
+
+
+def _check_identity(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
+    now = model_identity(model)
+    if saved["family"] != now["family"]:
+        raise ValueError(f"{folder} is a checkpoint of a {saved['family']!r} model; it cannot "
+                         f"resume a {now['family']!r} one")
+    old, new = saved["config"] or {}, now["config"] or {}
+    diff = [f"{k} (checkpoint {old.get(k)!r}, model {new.get(k)!r})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"{folder} is a checkpoint of a {saved['family']!r} model with another "
+                         f"config; it differs in {', '.join(diff)}")
+
+
+def _pointed(root: Path) -> str | None:
+    """The folder name latest.json holds, or None (no pointer, or an unreadable one)."""
+    try:
+        with open(root / LATEST) as f:
+            return json.load(f)["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
                     trainer_state: dict[str, Any], keep: int = 2,
@@ -46,21 +82,36 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Mo
     """Write checkpoint ``epoch`` under ``directory`` and point latest.json at it. ``best``:
     the best weights so far (early stopping restores them, across a resume too)."""
     root = Path(directory)
-    folder = root / f"epoch-{epoch:05d}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    save_state(folder / "model.safetensors", model.state_dict())
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_state(folder / "optimizer.safetensors", opt_tensors)
-    save_state(folder / "rng.safetensors", rng)
-    if best is not None:
-        save_state(folder / "best.safetensors", best)
-    write_json(folder / "trainer.json", {"epoch": epoch, "optimizer": opt_meta, **trainer_state})
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:05d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        save_state(tmp / "model.safetensors", model.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_state(tmp / "optimizer.safetensors", opt_tensors)
+        save_state(tmp / "rng.safetensors", rng)
+        if best is not None:
+            save_state(tmp / "best.safetensors", best)
+        write_json(tmp / "trainer.json", {"epoch": epoch, "optimizer": opt_meta,
+                                          "model": model_identity(model), **trainer_state})
+        # The folder the pointer names stays untouched until the pointer has moved (a fresh
+        # run in the same directory reaches the same epoch names): take a free name instead.
+        pointed, n = _pointed(root), 0
+        while name == pointed:
+            n += 1
+            name = f"epoch-{epoch:05d}-{n}"
+        folder = root / name
+        if folder.exists():  # an older checkpoint nothing points at
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_json(root / LATEST, {"checkpoint": folder.name})
-    # Older checkpoints go only after the pointer has moved on.
+    # Older checkpoints (and folders of saves a crash interrupted) go only after the pointer
+    # has moved on.
     done = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p.name != folder.name)
-    for old in done[: max(0, len(done) - (keep - 1))]:
+    for old in [*done[: max(0, len(done) - (keep - 1))], *root.glob(".epoch-*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -79,10 +130,16 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model and optimizer in place; return (trainer state, rng states)."""
+    """Restore model and optimizer in place; return (trainer state, rng states).
+
+    ValueError, before anything is loaded, when the checkpoint's model has another family or
+    config than ``model`` (checkpoints that predate this record are not checked)."""
     folder = Path(folder)
     with open(folder / "trainer.json") as f:
         state = json.load(f)
+    saved = state.pop("model", None)
+    if saved is not None:
+        _check_identity(folder, saved, model)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     device = next(model.parameters()).device
     opt_tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))

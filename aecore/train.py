@@ -27,6 +27,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint (if any) is kept."""
 
 
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs are cast to: the model's floating parameters' (float32 if none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _as_tensor(a, name: str, dtype=None) -> torch.Tensor | None:
     if a is None:
         return None
@@ -52,7 +57,7 @@ def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
              device: str | torch.device | None = None) -> dict[str, float]:
     """Mean of every term of ``model.loss`` over (x, y), weighted by batch size."""
     device = device or next(model.parameters()).device
-    x = _as_tensor(x, "x", torch.float32)
+    x = _as_tensor(x, "x", _param_dtype(model))
     y = _as_tensor(y, "y")
     was_training = model.training
     model.eval()
@@ -72,7 +77,11 @@ class Trainer:
     ``fit(x, y=None)`` takes normalised inputs (N, ...) and optional labels (N,) and returns the
     history: one record per epoch with ``train_loss``, ``val_loss`` and every other loss term.
     With ``checkpoint_dir`` each epoch ends in a checkpoint, and ``resume=True`` continues
-    from the newest one.
+    from the newest one: weights, Adam moments, RNG states (the model's own too, where it has
+    ``rng_state``/``set_rng_state``) and early-stopping state are restored, but ``lr`` and
+    ``weight_decay`` are this Trainer's, not the checkpoint's. The checkpoint must come from a
+    model of the same family and config (ValueError otherwise). Inputs are cast to the model's
+    parameter dtype.
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, batch_size: int = 128,
@@ -93,7 +102,8 @@ class Trainer:
             raise ValueError(f"patience must be >= 1 or None, got {patience}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
-        self.lr, self.batch_size, self.epochs = lr, batch_size, epochs
+        self.lr, self.weight_decay = lr, weight_decay
+        self.batch_size, self.epochs = batch_size, epochs
         self.val_fraction, self.seed, self.patience = val_fraction, seed, patience
         self.corruption = corruption
         self.amp = amp and self.device.type == "cuda"
@@ -119,7 +129,21 @@ class Trainer:
                  "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
+        if hasattr(self.model, "rng_state"):  # e.g. the VQ-VAE's dead-code re-seeding
+            state["model"] = self.model.rng_state()
         return state
+
+    def _nonfinite(self) -> str | None:
+        """The first parameter or buffer holding NaN/Inf, or None."""
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                return k
+        return None
+
+    def _diverged(self, what: str, where: str, last_good: Path | None) -> TrainingDiverged:
+        kept = f"; the last good checkpoint is {last_good}" if last_good else ""
+        return TrainingDiverged(f"{what} {where}; training stopped{kept}. "
+                                f"Try a lower learning rate (lr={self.lr}).")
 
     def _sync_grads(self) -> None:
         for p in self.model.parameters():
@@ -145,16 +169,20 @@ class Trainer:
 
     def fit(self, x, y=None, resume: bool = False) -> list[dict]:
         """Train on normalised inputs ``x`` (N, ...) with optional labels ``y`` (N,)."""
-        x = _as_tensor(x, "x", torch.float32)
+        x = _as_tensor(x, "x", _param_dtype(self.model))
         y = _as_tensor(y, "y")
         if y is not None and len(y) != len(x):
             raise ValueError(f"y must have one label per sample: x has {len(x)}, y has {len(y)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf")
         train_idx, val_idx = self._split(len(x))
+        if len(train_idx) < self.world:
+            raise ValueError(f"{len(train_idx)} training samples are too few for "
+                             f"{self.world} processes: every rank needs one per step")
         shuffle = torch.Generator().manual_seed(self.seed + 1)
         noise = torch.Generator(device=self.device).manual_seed(self.seed + 2)
         start, best, bad_epochs, best_state = 1, math.inf, 0, None
+        last_good = None  # the newest checkpoint of this run known to hold finite weights
 
         if self.world > 1:
             for p in self.model.state_dict().values():
@@ -165,14 +193,22 @@ class Trainer:
             folder = latest_checkpoint(self.checkpoint_dir)
             if folder is not None:
                 state, rng = load_checkpoint(folder, self.model, self.optimizer)
+                last_good = folder
+                # The optimizer state brought the old run's hyperparameters: this Trainer's win.
+                for group in self.optimizer.param_groups:
+                    group["lr"], group["weight_decay"] = self.lr, self.weight_decay
                 shuffle.set_state(rng["shuffle"])
                 noise.set_state(rng["noise"])
                 torch.set_rng_state(rng["torch"])
                 if "cuda" in rng and torch.cuda.is_available():
                     torch.cuda.set_rng_state(rng["cuda"])
+                if "model" in rng and hasattr(self.model, "set_rng_state"):
+                    self.model.set_rng_state(rng["model"])
                 self.history = state["history"]
                 start, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
                 best_state = load_best(folder) if self.patience is not None else None
+                if self.patience is not None and bad_epochs >= self.patience:
+                    start = self.epochs + 1  # that run had stopped early: so does this one
 
         self.model.train()
         for epoch in range(start, self.epochs + 1):
@@ -181,24 +217,22 @@ class Trainer:
             # Every rank walks the same permutation and takes its own slice of each batch.
             batches = [perm[i:i + self.batch_size * self.world]
                        for i in range(0, len(perm), self.batch_size * self.world)]
+            if len(batches) > 1 and len(batches[-1]) < self.world:
+                # A tail too short to give every rank a sample joins the batch before it: a
+                # rank with nothing to do would skip the step's gradient all_reduce.
+                batches[-2:] = [torch.cat(batches[-2:])]
             sums: dict[str, float] = {}
             seen = 0
             bar = tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
                        disable=not self.progress or self.rank != 0)
             for step, idx in enumerate(bar):
                 idx = idx[self.rank::self.world]
-                if len(idx) == 0:
-                    continue
                 xb = x[idx].to(self.device, non_blocking=True)
                 yb = None if y is None else y[idx].to(self.device, non_blocking=True)
                 terms = self._step(xb, yb, noise)
                 if not torch.isfinite(terms["loss"]):
-                    last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
-                    kept = f"; the last good checkpoint is {last}" if last else ""
-                    raise TrainingDiverged(
-                        f"loss became {float(terms['loss'])} at epoch {epoch}, step {step + 1}; "
-                        f"training stopped{kept}. Try a lower learning rate (lr={self.lr})."
-                    )
+                    raise self._diverged(f"loss became {float(terms['loss'])}",
+                                         f"at epoch {epoch}, step {step + 1}", last_good)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
                 seen += len(idx)
@@ -214,7 +248,21 @@ class Trainer:
                 val = evaluate(self.model, x[val_idx], val_y, device=self.device)
                 self.model.train()
                 record.update({f"val_{k}": v for k, v in val.items()})
+                after = val["loss"]
+            else:
+                # No validation loss shows the last step's effect: score the last batch (the
+                # whole batch, the same on every rank, so that all ranks agree).
+                last = batches[-1]
+                after = evaluate(self.model, x[last], None if y is None else y[last],
+                                 device=self.device)["loss"]
+                self.model.train()
             record["time_s"] = time.perf_counter() - t0
+            # The guard above sees losses before each step only; the last step may still have
+            # diverged, and its weights must not become a checkpoint.
+            bad = self._nonfinite()
+            if bad is not None or not math.isfinite(after):
+                what = f"{bad} became non-finite" if bad else f"loss became {after}"
+                raise self._diverged(what, f"after epoch {epoch}", last_good)
             self.history.append(record)
             if self.rank == 0 and self.progress:
                 terms_txt = "  ".join(f"{k}={v:.5g}" for k, v in record.items()
@@ -229,10 +277,11 @@ class Trainer:
             else:
                 bad_epochs += 1
             if self.checkpoint_dir is not None and self.rank == 0:
-                save_checkpoint(self.checkpoint_dir, epoch, self.model, self.optimizer,
-                                self._rng_state(shuffle, noise),
-                                {"history": self.history, "best": best, "bad_epochs": bad_epochs},
-                                best=best_state)
+                last_good = save_checkpoint(
+                    self.checkpoint_dir, epoch, self.model, self.optimizer,
+                    self._rng_state(shuffle, noise),
+                    {"history": self.history, "best": best, "bad_epochs": bad_epochs},
+                    best=best_state)
             if self.patience is not None and bad_epochs >= self.patience:
                 if self.rank == 0 and self.progress:
                     tqdm.write(f"early stopping: val_loss has not improved for {bad_epochs} epochs")

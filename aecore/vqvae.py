@@ -12,8 +12,9 @@ to an exponential moving average of the encoder outputs assigned to it (``decay`
 Laplace-smoothed by ``eps`` so that rarely used codes don't divide by ~0), and the codebook term
 drops out of the loss (it is still reported). With ``dead_after`` = n > 0, codes unused for n
 training steps are re-seeded with random encoder outputs of the current batch (drawn from the
-model's own torch.Generator, seeded by ``seed``). Both updates happen inside ``loss`` in
-training mode, after the loss terms are computed.
+model's own torch.Generator, seeded by ``seed``; ``rng_state``/``set_rng_state`` let
+checkpoints carry it). Both updates happen inside ``loss`` in training mode, after the loss
+terms are computed.
 
 The encoder is an MLP (``input_dim``, ``hidden_dims``; the decoder mirrors it) or, with
 ``channels``, a convolutional one for (C, H, W) images (:mod:`aecore.conv`).
@@ -164,6 +165,15 @@ class VQVAE(AutoEncoderBase):
             "dead_after": self.dead_after,
             "seed": self.seed,
         }
+
+    def rng_state(self) -> torch.Tensor:
+        """The re-seeding generator's state, uint8 (N,): not in the state_dict (it is no
+        weight), so the Trainer keeps it with its checkpoints for exact resumes."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state from :meth:`rng_state`."""
+        self._generator.set_state(state.cpu())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> continuous z_e (B, latent_dim)."""

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 from aecore import data as datasets
 from aecore.autoencoder import AutoEncoder
-from aecore.checkpoint import latest_checkpoint
+from aecore.checkpoint import latest_checkpoint, load_checkpoint
 from aecore.io import load_history
 from aecore.train import Trainer, TrainingDiverged
 
@@ -75,6 +76,37 @@ def test_crash_while_saving_keeps_previous_checkpoint(digits, tmp_path, monkeypa
     assert [h["epoch"] for h in hist] == [1, 2]
 
 
+def test_crash_mid_save_over_the_same_epoch_keeps_the_pointed_checkpoint(digits, tmp_path,
+                                                                         monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    first = Trainer(_model(), epochs=1, progress=False, checkpoint_dir=ckpt)
+    first.fit(digits)
+    good = latest_checkpoint(ckpt)
+    import aecore.checkpoint as checkpoint
+
+    real = checkpoint.save_state
+
+    def dying(path, tensors, metadata=None):
+        if "optimizer" in str(path):
+            raise KeyboardInterrupt("killed mid-save")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_state", dying)
+    # A fresh run in the same folder saves epoch 1 again: the name the pointer holds.
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_model(seed=5), epochs=1, progress=False, checkpoint_dir=ckpt).fit(digits)
+    monkeypatch.setattr(checkpoint, "save_state", real)
+    assert latest_checkpoint(ckpt) == good
+    model = _model(seed=7)
+    load_checkpoint(good, model, torch.optim.Adam(model.parameters()))
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # A finished save of the same epoch lands beside it, and only then moves the pointer.
+    Trainer(_model(seed=5), epochs=1, progress=False, checkpoint_dir=ckpt).fit(digits)
+    assert latest_checkpoint(ckpt) != good
+    assert not list(ckpt.glob(".*.tmp"))
+
+
 def test_nan_loss_stops_with_clear_message(digits, tmp_path):
     model = _model()
     trainer = Trainer(model, epochs=3, progress=False, checkpoint_dir=tmp_path)
@@ -86,6 +118,38 @@ def test_nan_loss_stops_with_clear_message(digits, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 4, step 1.*last good"):
         trainer.fit(digits[:200], resume=True)
     assert latest_checkpoint(tmp_path) == good
+
+
+def test_nan_weights_after_an_epochs_last_step_are_never_checkpointed(digits, tmp_path):
+    # One step per epoch: the loss before each step is finite, the weights after step 2 not.
+    trainer = Trainer(_model(), epochs=3, batch_size=5000, progress=False, checkpoint_dir=tmp_path)
+    real, steps = trainer.optimizer.step, []
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+        return out
+
+    trainer.optimizer.step = step
+    with pytest.raises(TrainingDiverged, match=r"became non-finite after epoch 2.*last good "
+                                               r"checkpoint is .*epoch-00001\b"):
+        trainer.fit(digits[:200])
+    assert latest_checkpoint(tmp_path).name == "epoch-00001"
+
+
+def test_divergence_on_the_only_step_saves_nothing(tmp_path):
+    # The CLI's `--data swiss-roll --epochs 1 --batch-size 5000 --lr 1e30`.
+    x = datasets.load_swiss_roll().inputs("train")
+    torch.manual_seed(0)
+    trainer = Trainer(AutoEncoder(3, [32], 2), lr=1e30, epochs=1, batch_size=5000,
+                      progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan after epoch 1; training "
+                                               r"stopped\. "):
+        trainer.fit(x)
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_early_stopping_restores_best(digits):
@@ -121,6 +185,49 @@ def test_early_stopping_keeps_the_best_weights_across_a_resume(digits, tmp_path)
         assert torch.equal(resumed.model.state_dict()[k], v), k
 
 
+def test_resuming_an_early_stopped_run_stops_at_once(digits, tmp_path):
+    def trainer(seed=0):
+        return Trainer(_model(seed), lr=0.5, epochs=30, patience=1, progress=False,
+                       checkpoint_dir=tmp_path)
+
+    done = trainer()
+    hist = done.fit(digits[:300])
+    assert len(hist) < 30
+    again = trainer(seed=99)
+    assert again.fit(digits[:300], resume=True) == hist
+    for k, v in done.model.state_dict().items():  # the best weights, as at the stop
+        assert torch.equal(again.model.state_dict()[k], v), k
+
+
+def test_resume_rejects_another_family_or_config(digits, tmp_path):
+    from aecore.sparse import SparseAutoEncoder
+
+    Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    with pytest.raises(ValueError, match=r"'ae' model; it cannot resume a 'sparse-ae' one"):
+        Trainer(SparseAutoEncoder(64, [32], 8), epochs=2, progress=False,
+                checkpoint_dir=tmp_path).fit(digits[:200], resume=True)
+    other = AutoEncoder(64, [16], 8, output_activation="sigmoid")
+    with pytest.raises(ValueError, match=r"differs in hidden_dims \(checkpoint \[32\], "
+                                         r"model \[16\]\)"):
+        Trainer(other, epochs=2, progress=False, checkpoint_dir=tmp_path).fit(digits[:200],
+                                                                           resume=True)
+
+
+def test_resume_uses_the_new_lr_and_weight_decay(digits, tmp_path):
+    Trainer(_model(), lr=1e-3, epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits)
+    t = Trainer(_model(), lr=0.5, weight_decay=0.1, epochs=1, progress=False,
+                checkpoint_dir=tmp_path)
+    t.fit(digits, resume=True)
+    assert [(g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups] == [(0.5, 0.1)]
+
+
+def test_float64_model_trains_in_float64(digits):
+    model = _model().double()
+    hist = Trainer(model, epochs=1, batch_size=64, progress=False).fit(digits[:200])
+    assert math.isfinite(hist[0]["val_loss"])
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lr must be"):
         Trainer(_model(), lr=0)
@@ -134,7 +241,9 @@ def test_bad_arguments():
         Trainer(_model(), progress=False).fit([[0.0] * 64])
 
 
-def test_two_process_gloo_training(tmp_path):
+# 90 samples, batches of 10 per rank: 81 to train on, the last step's global batch holds 1.
+@pytest.mark.parametrize("limit, batch_size", [(None, 64), (90, 10)])
+def test_two_process_gloo_training(tmp_path, limit, batch_size):
     """torchrun-style data parallelism on CPU: the ranks stay identical and the loss falls."""
     script = tmp_path / "worker.py"
     script.write_text(f"""
@@ -143,9 +252,9 @@ from aecore import data as datasets
 from aecore.autoencoder import AutoEncoder
 from aecore.train import Trainer
 torch.manual_seed(int(os.environ["RANK"]) + 1)  # different inits: rank 0's must win
-x = datasets.load_digits().inputs("train")
+x = datasets.load_digits().inputs("train")[:{limit}]
 model = AutoEncoder(64, [32], 8, output_activation="sigmoid")
-hist = Trainer(model, lr=3e-3, epochs=3, batch_size=64, progress=False).fit(x)
+hist = Trainer(model, lr=3e-3, epochs=3, batch_size={batch_size}, progress=False).fit(x)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 json.dump({{"params": flat.tolist(), "hist": hist}},
           open(r"{tmp_path}/rank" + os.environ["RANK"] + ".json", "w"))

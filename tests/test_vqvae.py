@@ -291,3 +291,20 @@ def test_onnx_export_matches_torch(tmp_path):
         expected = model(x).numpy()
     got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
     assert abs(got - expected).max() < 1e-5
+
+
+def test_resume_with_dead_code_reseeding_is_exact(digits, tmp_path):
+    """The re-seeding generator travels with the Trainer's checkpoints."""
+    from aecore.train import Trainer
+
+    def run(epochs, folder, resume=False):
+        model = _model(dead_after=2, num_codes=32)
+        Trainer(model, lr=3e-3, epochs=epochs, batch_size=64, progress=False,
+                checkpoint_dir=tmp_path / folder).fit(digits[:600], resume=resume)
+        return model
+
+    full = run(6, "a")
+    run(3, "b")
+    resumed = run(6, "b", resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
