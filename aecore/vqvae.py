@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from aecore.autoencoder import Decoder, Encoder
@@ -50,6 +51,11 @@ def _number(arg: str, value: object, lo: float, hi: float, lo_open: bool, hi_ope
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{arg} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
     return float(value)
+
+
+def _process_group() -> bool:
+    """True inside a torch.distributed run of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def perplexity(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -86,7 +92,8 @@ class VQVAE(AutoEncoderBase):
         self.num_codes = _positive_int("num_codes", num_codes)
         self.latent_dim = self.num_latents * self.code_dim
         self.beta = _number("beta", beta, 0.0, math.inf, False, True)
-        self.decay = _number("decay", decay, 0.0, 1.0, False, True)
+        # decay 0 would replace the averages with one batch's, wiping the codes it missed.
+        self.decay = _number("decay", decay, 0.0, 1.0, True, True)
         self.eps = _number("eps", eps, 0.0, math.inf, True, True)
         if not isinstance(ema, bool):
             raise TypeError(f"ema must be a bool, got {type(ema).__name__}")
@@ -264,8 +271,15 @@ class VQVAE(AutoEncoderBase):
         """
         k = self.num_codes
         counts = torch.bincount(idx, minlength=k).to(self.codebook.dtype)
+        group = _process_group()
+        if group:
+            # Data parallel: every process updates from the whole global batch, so the
+            # codebooks (buffers, which gradient averaging never touches) stay identical.
+            dist.all_reduce(counts)
         if self.ema:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat.to(self.ema_sum.dtype))
+            if group:
+                dist.all_reduce(sums)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             n = self.ema_count.sum()
@@ -280,6 +294,9 @@ class VQVAE(AutoEncoderBase):
             return
         pick = torch.randint(flat.shape[0], (dead.numel(),), generator=self._generator)
         fresh = flat[pick.to(flat.device)].to(self.codebook.dtype)
+        if group:
+            # The same dead codes everywhere (global counts); rank 0's batch re-seeds them.
+            dist.broadcast(fresh, src=0)
         self.codebook.data[dead] = fresh
         if self.ema:
             self.ema_sum[dead] = fresh

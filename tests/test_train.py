@@ -241,21 +241,30 @@ def test_bad_arguments():
         Trainer(_model(), progress=False).fit([[0.0] * 64])
 
 
+AE = 'AutoEncoder(64, [32], 8, output_activation="sigmoid")'
+# VQ-VAE codebooks are buffers (EMA) or re-seeded from data: kept in step apart from gradients.
+VQ = "VQVAE(64, [32], num_latents=2, code_dim=4, num_codes=32, dead_after=1, ema={})"
+
+
 # 90 samples, batches of 10 per rank: 81 to train on, the last step's global batch holds 1.
-@pytest.mark.parametrize("limit, batch_size", [(None, 64), (90, 10)])
-def test_two_process_gloo_training(tmp_path, limit, batch_size):
-    """torchrun-style data parallelism on CPU: the ranks stay identical and the loss falls."""
+@pytest.mark.parametrize("model, limit, batch_size", [(AE, None, 64), (AE, 90, 10),
+                                                      (VQ.format(True), None, 64),
+                                                      (VQ.format(False), None, 64)])
+def test_two_process_gloo_training(tmp_path, model, limit, batch_size):
+    """torchrun-style data parallelism on CPU: the ranks stay identical (parameters and
+    buffers) and the loss falls."""
     script = tmp_path / "worker.py"
     script.write_text(f"""
 import json, os, torch
 from aecore import data as datasets
 from aecore.autoencoder import AutoEncoder
 from aecore.train import Trainer
+from aecore.vqvae import VQVAE
 torch.manual_seed(int(os.environ["RANK"]) + 1)  # different inits: rank 0's must win
 x = datasets.load_digits().inputs("train")[:{limit}]
-model = AutoEncoder(64, [32], 8, output_activation="sigmoid")
+model = {model}
 hist = Trainer(model, lr=3e-3, epochs=3, batch_size={batch_size}, progress=False).fit(x)
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
 json.dump({{"params": flat.tolist(), "hist": hist}},
           open(r"{tmp_path}/rank" + os.environ["RANK"] + ".json", "w"))
 """)
