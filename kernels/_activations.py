@@ -82,6 +82,35 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _tanh(z):
+    """tanh(z), accurate in relative terms for every z (fp32)."""
+    a = tl.abs(z)
+    # e = exp(-2|z|) never overflows, and 1 - e is exact for e >= 1/2 (Sterbenz); e's own
+    # rounding is amplified by e / (1 - e), which grows without bound as z -> 0, so below
+    # |z| = 1/4 (amplification 1.5) the Taylor series takes over: its first omitted term,
+    # 1382/155925 z^11, is under 1e-8 of tanh there.
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(z < 0, -t, t)
+    z2 = z * z
+    p = z + z * z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0))))
+    return tl.where(a < 0.25, p, t)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0, accurate in relative terms down to x -> 0 (fp32)."""
+    # Goldberg's trick: u - 1 is exactly the x that u = 1 + x rounded to, and log(u) / (u - 1)
+    # is smooth, so the ratio cancels the rounding (a few ulps); u == 1 means x < 2**-24,
+    # where log1p(x) = x to fp32 precision. (libdevice's log1p would do, but the interpreter
+    # the tests run in has no extern functions.)
+    u = 1.0 + x
+    d = u - 1.0
+    r = tl.log(u) * (x / tl.where(d == 0.0, 1.0, d))
+    return tl.where(d == 0.0, x, r)
+
+
+@triton.jit
 def apply_act(z, ACT: tl.constexpr, slope):
     """act(z) for the id ``ACT`` (see ACTIVATIONS); ``z`` is fp32."""
     if ACT == 1:
@@ -91,15 +120,15 @@ def apply_act(z, ACT: tl.constexpr, slope):
     elif ACT == 3:
         z = _sigmoid(z)
     elif ACT == 4:
-        # tanh(z) = 1 - 2 / (exp(2z) + 1): exact at both tails (exp overflow -> 1).
-        z = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+        z = _tanh(z)
     elif ACT == 5:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 6:
         z = z * _sigmoid(z)
     elif ACT == 7:
-        # log1p(exp(z)) written stably: max(z, 0) + log(1 + exp(-|z|)); linear above 20.
-        sp = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        # log1p(exp(z)) written stably: max(z, 0) + log1p(exp(-|z|)); linear above 20. A plain
+        # log(1 + exp(z)) would be 0 below z ~ -17, where softplus(z) ~ exp(z).
+        sp = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
         z = tl.where(z > 20.0, z, sp)
     return z
 
@@ -117,8 +146,9 @@ def act_grad(z, ACT: tl.constexpr, slope):
         s = _sigmoid(z)
         g = s * (1.0 - s)
     elif ACT == 4:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-        g = 1.0 - t * t
+        # 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|z|): no 1 - t^2 cancellation in the tails.
+        e = tl.exp(-2.0 * tl.abs(z))
+        g = 4.0 * e / ((1.0 + e) * (1.0 + e))
     elif ACT == 5:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327

@@ -59,6 +59,7 @@ import triton.language as tl
 
 from aecore.kernels._activations import (
     ACTIVATIONS,
+    _tanh,
     act_grad,
     act_grad_torch,
     act_torch,
@@ -89,8 +90,10 @@ def _act_grad2(z, ACT: tl.constexpr):
         s = _sigmoid(z)
         g = s * (1.0 - s) * (1.0 - 2.0 * s)
     elif ACT == 4:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-        g = -2.0 * t * (1.0 - t * t)
+        # -2 tanh(z) sech^2(z), both factors accurate in relative terms (1 - t^2 cancels for
+        # large |z|, 1 - 2 / (exp(2z) + 1) near 0).
+        e = tl.exp(-2.0 * tl.abs(z))
+        g = -2.0 * _tanh(z) * (4.0 * e / ((1.0 + e) * (1.0 + e)))
     elif ACT == 5:
         g = tl.exp(-0.5 * z * z) * 0.3989422804014327 * (2.0 - z * z)
     elif ACT == 6:

@@ -11,7 +11,11 @@ What the forward keeps for the backward, the least each activation needs:
 
 - identity: nothing but x and weight (dZ = dY);
 - relu, leaky_relu (slope >= 0), sigmoid, tanh: the output y, which exists anyway
-  (relu'/leaky_relu' from the sign of y, sigmoid' = y (1 - y), tanh' = 1 - y^2);
+  (relu'/leaky_relu' from the sign of y, sigmoid' = y (1 - y), tanh' = 1 - y^2). The sign of y
+  is that of the fp32 pre-activation z except where y rounds to 0: 0 < z <= 2**-25 (~3e-8,
+  half fp16's smallest subnormal) in fp16, 0 < z <= 2**-134 in bf16. There relu' is taken as 0
+  and leaky_relu' as the slope, not 1, on both backends (as torch's own fp16 layer does, which
+  rounds z before the activation); keeping z for this would cost one more (M, N) tensor;
 - gelu, silu, softplus, leaky_relu (slope < 0): the pre-activation z, one extra (M, N) tensor,
   cheaper than recomputing the forward GEMM in the backward.
 
@@ -23,6 +27,7 @@ the torch backend in eager mode directly, without the custom op's Python dispatc
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -165,7 +170,8 @@ def _fused_linear_bwd_dz_kernel(g_ptr, s_ptr, dz_ptr, M, N, stride_gm, stride_gn
     """dz = g * act'(.) for g (M, N) strided (stride 0 allowed); s, dz (M, N) contiguous.
 
     ``s`` is the output y when FROM_Y (relu, leaky_relu with slope >= 0, sigmoid, tanh), else the
-    pre-activation z. The relu mask matches torch's threshold_backward: zero where y <= 0.
+    pre-activation z. The relu mask matches torch's threshold_backward: zero where y <= 0, which
+    includes a positive z whose y rounded to 0 in fp16/bf16 (see the module docstring).
     """
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -266,7 +272,8 @@ def _torch_forward(x, weight, bias, activation, slope):
 
 
 def _torch_dz(g, s, activation, slope):
-    """dY * act'(.) through torch's own backward functions (same values at the kinks)."""
+    """dY * act'(.) through torch's own backward functions (same values at the kinks); relu's
+    and leaky_relu's masks come from y when that is what ``s`` is (see the module docstring)."""
     aten = torch.ops.aten
     if activation == "identity":
         return g
@@ -532,7 +539,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         # C++ backward nodes, saving the same tensors); measured as fast as F.linear + act,
         # where a Python autograd.Function costs ~15 us more per call.
         return fused_linear_reference(x, weight, bias, activation, slope)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # Explicit rows, not -1: reshape(-1, 0) is ambiguous for an empty x (in_features == 0).
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if use_triton or compiling:
         # One opaque differentiable node for torch.compile, whichever backend runs inside.
         y, _ = torch.ops.aecore.fused_linear(x2, weight, bias, activation, slope, use_triton,

@@ -12,8 +12,8 @@ partial column sums (enough programs to fill the GPU at any B), then one small p
 them into the KL sum and the per-column coefficients in a fixed order (deterministic, no atomics).
 
 Backends: the Triton path runs as the custom op ``aecore::kl_sparsity`` (opaque and
-differentiable for torch.compile); the torch backend, and any export, run
-:func:`kl_sparsity_reference`, plain differentiable torch math.
+differentiable for torch.compile); the torch backend, any export, forward-mode AD and torch.func
+transforms run :func:`kl_sparsity_reference`, plain differentiable torch math.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aecore.kernels._backend import exporting, interpreting, resolve
+from aecore.kernels._backend import exporting, interpreting, resolve, transformed
 
 # rho_hat is clamped into [EPS, 1 - EPS] so that a dead (all-zero) or saturated (all-one) unit
 # gives a finite loss (at most ~log(1/EPS) per unit) and a bounded gradient (<= 1 / (EPS * B)).
@@ -56,10 +56,16 @@ def _kl_sparsity_colsum_kernel(h_ptr, partial_ptr, B, H, stride_b, stride_h, row
 
 
 @triton.jit
-def _kl_sparsity_fwd_kernel(partial_ptr, out_ptr, coef_ptr, n_splits, B, H, rho, eps,
-                            BLOCK_H: tl.constexpr):
-    """One program: column means from the partial sums, KL sum -> out, dloss/dh row -> coef."""
+def _kl_sparsity_fwd_kernel(partial_ptr, out_ptr, coef_ptr, n_splits, B, H, rho, log_rho, omr,
+                            log_omr, eps, BLOCK_H: tl.constexpr):
+    """One program: column means from the partial sums, KL sum -> out, dloss/dh row -> coef.
+
+    rho, log(rho), 1 - rho and log(1 - rho) come from the host (see ``_rho_terms``).
+    """
     rho = tl.cast(rho, tl.float32)
+    log_rho = tl.cast(log_rho, tl.float32)
+    omr = tl.cast(omr, tl.float32)
+    log_omr = tl.cast(log_omr, tl.float32)
     eps = tl.cast(eps, tl.float32)
     inv_b = 1.0 / tl.cast(B, tl.float32)
     acc = tl.zeros((BLOCK_H,), tl.float32)
@@ -74,9 +80,10 @@ def _kl_sparsity_fwd_kernel(partial_ptr, out_ptr, coef_ptr, n_splits, B, H, rho,
         # Same convention as torch.clamp's gradient: the bounds themselves still pass it.
         inside = (mean >= eps) & (mean <= 1.0 - eps)
         rh = tl.minimum(tl.maximum(mean, eps), 1.0 - eps)
-        kl = rho * tl.log(rho / rh) + (1.0 - rho) * tl.log((1.0 - rho) / (1.0 - rh))
+        # No log of rho here: rho that rounds to 0 in fp32 then adds 0, not 0 * log(0) = NaN.
+        kl = rho * (log_rho - tl.log(rh)) + omr * (log_omr - tl.log(1.0 - rh))
         acc += tl.where(cmask, kl, 0.0)
-        d = tl.where(inside, (1.0 - rho) / (1.0 - rh) - rho / rh, 0.0) * inv_b
+        d = tl.where(inside, omr / (1.0 - rh) - rho / rh, 0.0) * inv_b
         tl.store(coef_ptr + cols, d, mask=cmask)
     tl.store(out_ptr, tl.sum(acc, axis=0))
 
@@ -100,6 +107,23 @@ def _kl_sparsity_bwd_kernel(grad_ptr, coef_ptr, dh_ptr, B, H,
 
 # --- torch reference -----------------------------------------------------------------------------
 
+def _rho_terms(rho: float) -> tuple[float, float, float, float]:
+    """(rho, log rho, 1 - rho, log(1 - rho)) in float64 on the host.
+
+    Computed in fp32, 1 - rho is 0 for rho within 2**-25 of 1 (then 0 * log 0 = NaN), and rho
+    below ~1e-45 is 0 (the same NaN from rho * log(rho / rho_hat)); in float64 every rho in
+    (0, 1) gives finite terms, which the fp32 math only multiplies and adds (a term whose
+    factor rounds to 0 is 0, as it should be to fp32 precision).
+    """
+    return rho, math.log(rho), 1.0 - rho, math.log1p(-rho)
+
+
+def _kl_terms(rho_hat: torch.Tensor, rho: float) -> torch.Tensor:
+    """KL(rho || rho_hat) elementwise, rho_hat already clamped into [EPS, 1 - EPS]."""
+    rho, log_rho, omr, log_omr = _rho_terms(rho)
+    return rho * (log_rho - torch.log(rho_hat)) + omr * (log_omr - torch.log(1.0 - rho_hat))
+
+
 def kl_sparsity_reference(h: torch.Tensor, rho: float, eps: float = EPS) -> torch.Tensor:
     """sum_j KL(rho || clamp(mean_b h[:, j])) for h (B, H): differentiable torch math -> scalar.
 
@@ -107,8 +131,7 @@ def kl_sparsity_reference(h: torch.Tensor, rho: float, eps: float = EPS) -> torc
     """
     hf = h if h.dtype == torch.float64 else h.float()
     rho_hat = hf.mean(dim=0).clamp(eps, 1.0 - eps)
-    kl = rho * torch.log(rho / rho_hat) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - rho_hat))
-    return kl.sum().to(h.dtype)
+    return _kl_terms(rho_hat, rho).sum().to(h.dtype)
 
 
 def _reference_fwd(h: torch.Tensor, rho: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +140,7 @@ def _reference_fwd(h: torch.Tensor, rho: float, eps: float) -> tuple[torch.Tenso
     mean = hf.mean(dim=0)
     inside = (mean >= eps) & (mean <= 1.0 - eps)
     rh = mean.clamp(eps, 1.0 - eps)
-    kl = rho * torch.log(rho / rh) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - rh))
+    kl = _kl_terms(rh, rho)
     coef = torch.where(inside, (1.0 - rho) / (1.0 - rh) - rho / rh, torch.zeros_like(rh))
     return kl.sum().to(h.dtype), coef / h.shape[0]
 
@@ -153,7 +176,7 @@ def _launch_fwd(h: torch.Tensor, rho: float, eps: float) -> tuple[torch.Tensor, 
     )
     out = torch.empty((), device=h.device, dtype=torch.float32)
     coef = torch.empty((H,), device=h.device, dtype=torch.float32)
-    _kl_sparsity_fwd_kernel[(1,)](partial, out, coef, splits, B, H, rho, eps,
+    _kl_sparsity_fwd_kernel[(1,)](partial, out, coef, splits, B, H, *_rho_terms(rho), eps,
                                   BLOCK_H=block_h, num_warps=4)
     return out.to(h.dtype), coef
 
@@ -244,9 +267,11 @@ def kl_sparsity(h: torch.Tensor, rho: float, *, backend: str | None = None) -> t
     """
     _validate(h, rho)
     which = "torch" if exporting() else resolve(backend, h)
-    if which == "torch":
+    if which == "torch" or transformed(h):
         # Plain torch math is already visible to autograd, compile and export; skipping the
         # opaque op saves its dispatch, which dominates at the sizes a code layer has on CPU.
+        # Forward-mode tangents and torch.func transforms (jvp, vmap, jacrev) need it too: the
+        # custom op has no rules for them and would drop a tangent silently.
         return kl_sparsity_reference(h, float(rho))
     loss, _ = _kl_sparsity_op(h, float(rho), EPS, which)
     return loss
@@ -289,7 +314,8 @@ def aot_cases() -> list[dict]:
         "name": "kl_sparsity_fwd_fp32",
         "fn": _kl_sparsity_fwd_kernel,
         "signature": {"partial_ptr": "*fp32", "out_ptr": "*fp32", "coef_ptr": "*fp32",
-                      "n_splits": "i32", "B": "i32", "H": "i32", "rho": "fp32", "eps": "fp32"},
+                      "n_splits": "i32", "B": "i32", "H": "i32", "rho": "fp32",
+                      "log_rho": "fp32", "omr": "fp32", "log_omr": "fp32", "eps": "fp32"},
         "constexprs": {"BLOCK_H": block_h},
         "divisible": ["partial_ptr", "out_ptr", "coef_ptr", "H"],
         "num_warps": 4, "num_stages": 3, "gemm": False, "dtype": "fp32",

@@ -8,14 +8,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from sklearn.datasets import load_digits
 from tolerances import assert_close
 
 from aecore.autoencoder import AutoEncoder, Encoder
 from aecore.contractive import DEFAULT_LAM, ContractiveAutoEncoder, contractive
 from aecore.kernels import ACTIVATIONS
-from aecore.kernels._activations import act_torch
-from aecore.kernels.contractive import contractive_penalty, contractive_penalty_reference, plan
+from aecore.kernels._activations import act_torch, activation_id
+from aecore.kernels.contractive import (
+    _act_grad2,
+    contractive_penalty,
+    contractive_penalty_reference,
+    plan,
+)
 from aecore.registry import MODELS
 
 BACKENDS = ("torch", "triton")
@@ -641,3 +648,22 @@ def test_hutchinson_through_aecore_encoder_matches_exact(dtype):
     est = contractive(enc, x, method="hutchinson", probes=4000,
                       generator=torch.Generator().manual_seed(0)).double()
     torch.testing.assert_close(est, exact, rtol=0.12, atol=0)
+
+
+@triton.jit
+def _grad2_probe_kernel(z_ptr, g_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(g_ptr + offs, _act_grad2(tl.load(z_ptr + offs, mask=mask, other=0.0), ACT),
+             mask=mask)
+
+
+def test_tanh_second_derivative_is_accurate_in_relative_terms():
+    # act'' enters the penalty's gradient; for tanh both -2 tanh(z) and sech^2(z) used to
+    # cancel (near 0 and for large |z|).
+    z = torch.tensor([1e-8, -1e-8, 1e-6, -1e-4, 0.1, -0.3, 2.0, -5.0, 12.0, -20.0])
+    g = torch.empty_like(z)
+    _grad2_probe_kernel[(1,)](z, g, z.numel(), ACT=activation_id("tanh"), BLOCK=16)
+    z64 = z.double()
+    want = -2 * torch.tanh(z64) / torch.cosh(z64) ** 2
+    torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=0)

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from tolerances import assert_close
 from torch import nn
 
 from aecore.kernels import ACTIVATIONS
+from aecore.kernels._activations import ACT_IDS, act_grad, apply_act
 from aecore.kernels.fused_linear import fused_linear, fused_linear_reference
 
 BACKENDS = ("torch", "triton")
@@ -190,6 +193,22 @@ def test_kinks_at_zero_follow_torch(act, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_fp16_masks_come_from_the_stored_output(act, backend):
+    # Documented (module docstring): relu/leaky_relu keep only y, so a positive z that rounds
+    # to y = 0 in fp16 (z = 1e-8 < 2**-25) gets the z <= 0 gradient; from the next one up
+    # (z = 6e-8, y = 2**-24, fp16's smallest subnormal) the gradient is 1 again.
+    slope = 0.5
+    for w_val, y_val, d in [(1e-4, 0.0, 0.0 if act == "relu" else slope), (6e-4, 2.0**-24, 1.0)]:
+        x = torch.tensor([[1e-4]], dtype=torch.float16, requires_grad=True)
+        w = torch.tensor([[w_val]], dtype=torch.float16)
+        y = fused_linear(x, w, None, act, negative_slope=slope, backend=backend)
+        y.sum().backward()
+        assert float(y) == y_val
+        assert float(x.grad) == float((d * w).half())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_nan_out(backend):
     x, w, b = make((5, 6), 4)
     with torch.no_grad():
@@ -209,6 +228,26 @@ def test_zero_size_batch(act, backend):
     y.sum().backward()
     assert x.grad.shape == (0, 6)
     assert torch.equal(w.grad, torch.zeros(4, 6)) and torch.equal(b.grad, torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("act,bias", [("identity", False), ("gelu", True)])
+def test_zero_in_features_with_leading_dims(act, bias, dtype, backend):
+    # x (2, 4, 0): reshape(-1, 0) can't infer the rows of an empty tensor.
+    x = torch.randn(2, 4, 0).to(dtype).requires_grad_()
+    w = torch.randn(3, 0).to(dtype).requires_grad_()
+    b = torch.tensor([0.5, -1.25, 2.0], dtype=dtype, requires_grad=True) if bias else None
+    y = fused_linear(x, w, b, act, backend=backend)
+    assert y.shape == (2, 4, 3) and y.dtype == dtype
+    grad = torch.ones(2, 4, 3, dtype=dtype)
+    y.backward(grad)
+    ey, edx, edw, edb = oracle(x.detach().reshape(8, 0), w, b, act, grad.reshape(8, 3))
+    assert_close(y.reshape(8, 3), ey, scale=2.0)
+    assert x.grad.shape == (2, 4, 0) and w.grad.shape == (3, 0)
+    if bias:
+        assert_close(b.grad, edb, k=8, scale=8.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -243,6 +282,53 @@ def test_inference_without_grad(backend, dtype):
     assert not y.requires_grad and y.dtype == dtype
     ey = oracle(x, w, b, "softplus", torch.ones(6, 5))[0]
     assert_close(y, ey, dtype, k=9, scale=ey.abs().max().item())
+
+
+# z where naive fp32 formulas lose relative accuracy: tanh = 1 - 2 / (exp(2z) + 1) cancels near
+# 0, log(1 + exp(z)) is 0 below z ~ -17, 1 - tanh^2 cancels in the tails.
+ACCURACY_Z = [1e-8, -1e-8, 1e-6, -1e-6, 1e-4, -1e-4, 0.1, -0.1, 5.0, -5.0, -20.0, -50.0]
+
+ORACLE_GRAD = {
+    "tanh": lambda z: 1 / torch.cosh(z) ** 2,
+    "softplus": torch.sigmoid,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["tanh", "softplus"])
+def test_relative_accuracy_fp32(act, backend):
+    z = torch.tensor(ACCURACY_Z)
+    x = z[:, None].clone().requires_grad_()
+    y = fused_linear(x, torch.ones(1, 1), None, act, backend=backend)  # z exact: x * 1
+    y.sum().backward()
+    z64 = z.double()[:, None]
+    torch.testing.assert_close(y.double(), ORACLE_ACT[act](z64), rtol=1e-6, atol=0)
+    # tanh's backward is 1 - y^2 from the stored output (as torch's): accurate in relative
+    # terms only while |y| is well below 1; the z-based derivative is checked below.
+    keep = slice(None) if act == "softplus" else z64[:, 0].abs() <= 0.1
+    torch.testing.assert_close(x.grad.double()[keep], ORACLE_GRAD[act](z64)[keep], rtol=1e-6,
+                               atol=0)
+
+
+@triton.jit
+def _act_probe_kernel(z_ptr, y_ptr, g_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, apply_act(z, ACT, 0.01), mask=mask)
+    tl.store(g_ptr + offs, act_grad(z, ACT, 0.01), mask=mask)
+
+
+@pytest.mark.parametrize("act", ["tanh", "softplus"])
+def test_device_functions_relative_accuracy_fp32(act):
+    # act' from z (the contractive kernels use it for tanh too), not only through fused_linear.
+    z = torch.tensor(ACCURACY_Z)
+    y, g = torch.empty_like(z), torch.empty_like(z)
+    _act_probe_kernel[(1,)](z, y, g, z.numel(), ACT=ACT_IDS[act], BLOCK=16)
+    z64 = z.double()
+    torch.testing.assert_close(y.double(), ORACLE_ACT[act](z64), rtol=1e-6, atol=0)
+    # atol: tanh'(-50) ~ 1.5e-43 is an fp32 subnormal, stored to a few subnormal steps (1.4e-45).
+    torch.testing.assert_close(g.double(), ORACLE_GRAD[act](z64), rtol=1e-6, atol=1e-44)
 
 
 def test_reference_matches_oracle_and_keeps_dtype():

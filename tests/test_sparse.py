@@ -78,6 +78,37 @@ def test_kl_sparsity_float64_gradcheck():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+# 1 - 1e-8 is 1 in fp32 (1 - rho would be 0, the KL 0 * log 0); 1e-46 and 1e-300 are 0 there.
+@pytest.mark.parametrize("rho", [1 - 1e-8, 1e-46, 1e-300])
+def test_kl_sparsity_rho_at_the_edges_of_float32(backend, rho):
+    _check(_h((37, 29), seed=10), rho, backend)
+    _check(_h((9, 6), seed=11, lo=0.9, hi=1.0), rho, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_sparsity_forward_mode_and_torch_func(backend):
+    # The custom op has no forward-mode rule: tangents must not be dropped or zeroed.
+    h = _h((6, 5), seed=12)
+    t = torch.randn(6, 5, generator=torch.Generator().manual_seed(13))
+    g = oracle_grad(h, 0.1)
+    expected = (g * t.double()).sum()
+    scale = float((g.abs() * t.double().abs()).sum())
+
+    def f(x):
+        return kl_sparsity(x, 0.1, backend=backend)
+
+    value, tangent = torch.func.jvp(f, (h,), (t,))
+    assert_close(value, torch.tensor(oracle_loss(h, 0.1)), k=11, scale=float(value))
+    assert_close(tangent, expected, k=30, scale=scale)
+    with torch.autograd.forward_ad.dual_level():
+        out = f(torch.autograd.forward_ad.make_dual(h, t))
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    assert tangent is not None
+    assert_close(tangent, expected, k=30, scale=scale)
+    assert_close(torch.func.jacrev(f)(h), g, k=6, scale=float(g.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kl_sparsity_clamps_dead_and_saturated_units(backend):
     h = _h((16, 6), seed=5)
     h[:, 1] = 0.0  # dead unit: rho_hat = 0 -> clamped to EPS
