@@ -142,7 +142,7 @@ def render(results: dict, ceilings: dict, aot: list[dict], device: str, elapsed:
                 cells.append(f"{st[v]['median'] / st[subject]['median']:.2f}x"
                              if v in st and subject in st else "-")
             comp = r.get("compile_s")
-            cells += [_rate(r, ceilings), f"{comp:.1f} s" if comp else "-"]
+            cells += [_rate(r, ceilings), f"{comp:.1f} s" if comp is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
             if r.get("peak_bytes"):
                 pk = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["peak_bytes"].items())

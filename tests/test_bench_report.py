@@ -1,5 +1,7 @@
 """The benchmark report renders pytest-benchmark output into markdown tables and plots."""
 
+import torch
+
 from aecore.bench_report import measure_ceilings, plot, render
 
 
@@ -40,3 +42,67 @@ def test_report_tables_ratios_and_plots(tmp_path):
 def test_ceilings_are_measured():
     c = measure_ceilings("cpu", quick=True)
     assert c["copy_bytes_per_s"] > 1e8 and c["matmul_fp32_flops"] > 1e8
+
+
+def test_report_renders_cases_without_an_aecore_variant_and_zero_compile_time():
+    results = {"benchmarks": [
+        _row("int8_gemm", "256x784->512", None, {"gemm_int8": 1e-3, "gemm_fp32": 2e-3},
+             mode="inference"),
+        _row("onnx_runtime", "batch 1", 784, {"eager": 1e-4, "ort_fp32": 5e-5, "ort_int8": 4e-5},
+             mode="inference, steady"),
+        _row("vq_nearest", "small", 1e3, {"aecore": 1e-3, "eager": 2e-3}, mode="forward",
+             compile_s=0.0),
+    ]}
+    text = render(results, {"copy_bytes_per_s": 1e10, "matmul_fp32_flops": 1e10}, [], "cpu", 1.0)
+    # The first variant is the subject; ratio = median(other) / median(subject).
+    assert "| gemm_int8 vs gemm_fp32 |" in text and "| 2.00x |" in text
+    assert "| eager vs ort_fp32 | eager vs ort_int8 |" in text and "| 0.50x | 0.40x |" in text
+    assert "| 0.0 s |" in text  # a measured 0 s compile is a time, not "-"
+
+
+class _FakeBenchmark:
+    disabled = True
+
+    def __init__(self):
+        self.extra_info = {}
+
+    def pedantic(self, fn, rounds, iterations):
+        fn()
+
+
+def _bench(name):
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import importlib
+
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_cpu_peak_bytes_counts_what_one_call_holds_at_once():
+    harness = _bench("harness")
+
+    def fn():
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(250_000)  # 1 MB: 2 MB held
+        del a
+        c = torch.empty(125_000)  # 0.5 MB: 1.5 MB held
+        return b, c
+
+    assert harness.peak_bytes(fn, "cpu") == 2_000_000
+
+
+def test_vq_compile_time_includes_the_whole_compile():
+    # The timed calls run under no_grad; torch.compile guards on grad mode, so a first call
+    # with grad on would leave a second compile to the warmup, outside compile_s.
+    from torch._dynamo.utils import counters
+
+    vq = _bench("bench_vq")
+    before = counters["stats"]["unique_graphs"]
+    bench = _FakeBenchmark()
+    vq.bench_vq_nearest(bench, (64, 16, 4))
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert bench.extra_info["compile_s"] > 0
