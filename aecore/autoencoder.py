@@ -10,16 +10,22 @@ import torch
 from torch import nn
 
 from aecore.base import AutoEncoderBase
+from aecore.kernels._activations import activation_id
 from aecore.kernels.fused_linear import fused_linear
 from aecore.layers import FusedLinear
 from aecore.registry import register
 
 
 def _dims(name: str, dims: Sequence[int]) -> list[int]:
-    dims = [int(d) for d in dims]
-    if any(d < 1 for d in dims):
-        raise ValueError(f"{name} must be positive integers, got {dims}")
-    return dims
+    # int() alone would truncate 4.5 to 4 and build a model of another size.
+    try:
+        ints = [int(d) for d in dims]
+        ok = all(i >= 1 and i == d and not isinstance(d, bool) for i, d in zip(ints, dims))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be positive integers, got {list(dims)!r}")
+    return ints
 
 
 class _FusedMLP(nn.Module):
@@ -65,6 +71,9 @@ class TiedDecoder(nn.Module):
     def __init__(self, encoder: Encoder, activation: str = "relu",
                  output_activation: str = "identity"):
         super().__init__()
+        # Checked now, not at the first forward: a bad name must not reach config().
+        activation_id(activation)
+        activation_id(output_activation)
         # A plain list keeps the encoder out of this module's parameters: its weights are
         # owned (and saved) once, by the encoder.
         self._encoder = [encoder]
@@ -96,9 +105,11 @@ class AutoEncoder(AutoEncoderBase):
         super().__init__()
         self.input_shape = (int(input_dim),)
         self.latent_dim = int(latent_dim)
-        self.hidden_dims = [int(h) for h in hidden_dims]
+        self.hidden_dims = _dims("hidden_dims", hidden_dims)
         self.activation = activation
-        self.tied = bool(tied)
+        if not isinstance(tied, bool):  # bool("no") would be True
+            raise TypeError(f"tied must be a bool, got {type(tied).__name__}")
+        self.tied = tied
         self.output_activation = output_activation
         self.latent_activation = latent_activation
         self.encoder = Encoder(input_dim, self.hidden_dims, latent_dim, activation,
@@ -131,7 +142,8 @@ class AutoEncoder(AutoEncoderBase):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = x if target is None else target
+        self.check_input(x)
+        target = self.check_target(x, target)
         mse = (self(x) - target).pow(2).mean()
         return {"loss": mse, "mse": mse}
 

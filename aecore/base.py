@@ -67,3 +67,14 @@ class AutoEncoderBase(nn.Module):
                 f"{arg} must have shape (batch, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(x.shape)}"
             )
+
+    def check_target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """``target`` (x when None) after checking it is a floating batch of x's shape: a
+        mismatched one would broadcast against the reconstruction and give a wrong loss."""
+        if target is None:
+            return x
+        self.check_input(target, "target")
+        if target.shape != x.shape:
+            raise ValueError(f"target must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(target.shape)}")
+        return target

@@ -225,6 +225,11 @@ def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
     else:
         raise ValueError(f"input_npy must hold samples of shape {shape} (or {size} values "
                          f"each), got an array of shape {raw.shape}")
+    if n == 0:
+        raise ValueError(f"input_npy holds no samples (shape {raw.shape})")
+    if not np.isfinite(raw).all():
+        # NaN/Inf would come out as NaN rows looking like a result.
+        raise ValueError("input_npy contains NaN or Inf")
     norm = model.normalization
     # Normalisation may be per feature: apply it on rows in the model's own layout.
     x = raw.reshape(n, *shape).astype(np.float32)

@@ -44,9 +44,11 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
-    if isinstance(max_fit, bool) or not isinstance(max_fit, int) or max_fit <= n_neighbors:
-        raise ValueError(f"max_fit must be an int above n_neighbors ({n_neighbors}), "
-                         f"got {max_fit!r}")
+    # The subset is what Isomap fits: it needs more rows than neighbours and components.
+    if isinstance(max_fit, bool) or not isinstance(max_fit, int) \
+            or max_fit <= max(n_neighbors, dim):
+        raise ValueError(f"max_fit must be an int above max(n_neighbors, dim) = "
+                         f"{max(n_neighbors, dim)}, got {max_fit!r}")
     if len(x) <= max(n_neighbors, dim):
         raise ValueError(f"x must have more than max(n_neighbors, dim) = "
                          f"{max(n_neighbors, dim)} rows for an embedding, got {len(x)}")
@@ -77,7 +79,8 @@ class GeometryAutoEncoder(PenalizedAutoEncoder):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = x if target is None else target
+        self.check_input(x)
+        target = self.check_target(x, target)
         z = self.encoder(x)
         mse = (self.decoder(z) - target).pow(2).mean()
         if y is None:
@@ -86,6 +89,9 @@ class GeometryAutoEncoder(PenalizedAutoEncoder):
                                  f"(batch, {self.latent_dim}), e.g. "
                                  "aecore.geometry.manifold_embedding(x, latent_dim)")
             return {"loss": mse, "mse": mse}
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            raise TypeError(f"y must be a floating point torch.Tensor, got "
+                            f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
         if tuple(y.shape) != tuple(z.shape):
             raise ValueError(f"y must have shape (batch, latent_dim) = {tuple(z.shape)}, "
                              f"got {tuple(y.shape)}")

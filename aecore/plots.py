@@ -15,8 +15,11 @@ from aecore.io import atomic_write  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                   bbox_inches="tight"))
+    finally:  # a failed write must not leave the figure open in pyplot's registry
+        plt.close(fig)
 
 
 def _as_hwc(img: np.ndarray) -> np.ndarray:
@@ -37,6 +40,8 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
     images = np.asarray(images)
     if images.ndim not in (3, 4) or len(images) == 0:
         raise ValueError(f"images must be (N, H, W) or (N, C, H, W), N >= 1; got {images.shape}")
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
     n = len(images)
     ncol = min(nrow, n)
     nrows = -(-n // ncol)

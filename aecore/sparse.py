@@ -80,11 +80,7 @@ class SparseAutoEncoder(AutoEncoder):
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss": mse + weight * sparsity, "mse", "sparsity"}; mse is against target (or x)."""
         self.check_input(x)
-        if target is None:
-            target = x
-        elif target.shape != x.shape:
-            raise ValueError(f"target must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(target.shape)}")
+        target = self.check_target(x, target)
         h = self.encode(x)
         mse = (self.decode(h) - target).pow(2).mean()
         penalty = self.sparsity_penalty(h)

@@ -83,3 +83,41 @@ def test_check_input_messages():
         ae.check_input(torch.zeros(2, 5))
     with pytest.raises(TypeError, match="floating point"):
         ae.check_input(torch.zeros(2, 4, dtype=torch.int64))
+
+
+def test_loss_rejects_targets_of_another_shape():
+    model = AutoEncoder(4, hidden_dims=(3,), latent_dim=2)
+    x = torch.rand(2, 4)
+    # (1, 4) would broadcast silently; (3, 4) failed deep inside the subtraction.
+    for bad in (torch.rand(1, 4), torch.rand(3, 4)):
+        with pytest.raises(ValueError, match="target must have the shape of x"):
+            model.loss(x, target=bad)
+
+
+def test_tied_decoder_checks_activations_when_built():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        AutoEncoder(4, hidden_dims=(3,), latent_dim=2, tied=True, output_activation="nope")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        AutoEncoder(4, hidden_dims=(3,), latent_dim=2, tied=True, activation="nope")
+
+
+@pytest.mark.parametrize("kwargs", [{"input_dim": 4.5}, {"hidden_dims": (3.5,)},
+                                    {"hidden_dims": "ab"}])
+def test_fractional_or_non_numeric_sizes_are_rejected(kwargs):
+    # int() alone truncated 4.5 to 4: a model of another size than asked for.
+    with pytest.raises(ValueError, match="must be positive integers"):
+        AutoEncoder(**{"input_dim": 4, "hidden_dims": (3,), "latent_dim": 2, **kwargs})
+
+
+@pytest.mark.parametrize("tied", ["no", 1, None])
+def test_tied_must_be_a_bool(tied):
+    with pytest.raises(TypeError, match="tied must be a bool"):
+        AutoEncoder(4, (3,), 2, tied=tied)
+
+
+def test_image_grid_rejects_nonpositive_nrow(tmp_path):
+    from aecore.plots import save_image_grid
+
+    with pytest.raises(ValueError, match="nrow must be a positive int"):
+        save_image_grid(torch.rand(3, 5, 7).numpy(), tmp_path / "g.png", nrow=0)
+    assert not (tmp_path / "g.png").exists()

@@ -47,7 +47,10 @@ def test_embedding_of_large_sets_fits_a_subset_and_maps_the_rest(roll, monkeypat
 @pytest.mark.parametrize("kwargs,match", [
     ({"dim": 0}, "dim must be a positive int"),
     ({"dim": 2, "n_neighbors": 0}, "n_neighbors must be a positive int"),
-    ({"dim": 2, "max_fit": 10}, r"max_fit must be an int above n_neighbors \(10\)"),
+    ({"dim": 2, "max_fit": 10}, r"max_fit must be an int above max\(n_neighbors, dim\) = 10"),
+    # Isomap fits the subset: it needs more rows than components, not only than neighbours.
+    ({"dim": 8, "n_neighbors": 3, "max_fit": 6},
+     r"max_fit must be an int above max\(n_neighbors, dim\) = 8"),
 ])
 def test_embedding_rejects_bad_arguments(roll, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -124,3 +127,13 @@ def test_cli_trains_a_geometry_model_that_unrolls_the_swiss_roll(tmp_path):
     # Unrolled: one straight direction orders the test codes by roll position, and code
     # neighbourhoods are neighbourhoods on the unrolled sheet (no folds or tears).
     assert spearman > 0.98 and trust > 0.97
+
+
+def test_loss_rejects_bad_targets_and_embeddings():
+    model = GeometryAutoEncoder(4, hidden_dims=(3,), latent_dim=2)
+    x = torch.rand(2, 4)
+    with pytest.raises(TypeError, match="y must be a floating point torch.Tensor"):
+        model.loss(x, np.zeros((2, 2), np.float32))
+    # A (1, 4) target would broadcast against the (2, 4) reconstruction.
+    with pytest.raises(ValueError, match="target must have the shape of x"):
+        model.loss(x, torch.zeros(2, 2), target=torch.rand(1, 4))

@@ -328,3 +328,9 @@ def test_aot_cases_describe_the_launched_kernels():
         assert [a for a in args if a in c["signature"]] == list(c["signature"]), c["name"]
         assert {k for k, v in c["signature"].items() if v == "constexpr"} <= set(c["constexprs"])
         assert all(c["signature"][a].startswith(("*", "i32")) for a in c["divisible"]), c["name"]
+
+
+def test_loss_rejects_non_floating_targets():
+    model = SparseAutoEncoder(4, hidden_dims=(3,), latent_dim=6, sparsity="l1")
+    with pytest.raises(TypeError, match="target must be a floating point tensor"):
+        model.loss(torch.rand(2, 4), target=torch.ones(2, 4, dtype=torch.long))
