@@ -156,7 +156,15 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             terms = self.model.loss(inp, yb, target=xb)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.world > 1:
+            # Ranks agree before the gradient all_reduce: one that stopped alone would leave
+            # the others waiting in it forever.
+            flag = torch.tensor([1.0 if finite else 0.0], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if finite and not flag.item():
+                return {**terms, "loss": torch.full_like(loss, math.nan)}
+        if not finite:
             return terms
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -283,6 +283,51 @@ json.dump({{"params": flat.tolist(), "hist": hist}},
     assert drop_time == [{k: v for k, v in h.items() if k != "time_s"} for h in r1["hist"]]
 
 
+def test_two_process_divergence_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN loss on one rank only: every rank stops with TrainingDiverged, none hangs in the
+    gradient all_reduce."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
+import os, sys, torch
+from aecore import data as datasets
+from aecore.autoencoder import AutoEncoder
+from aecore.train import Trainer, TrainingDiverged
+
+class Unlucky(AutoEncoder):
+    calls = 0
+
+    def loss(self, *args, **kwargs):
+        terms = super().loss(*args, **kwargs)
+        Unlucky.calls += 1
+        if os.environ["RANK"] == "1" and Unlucky.calls == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+x = datasets.load_digits().inputs("train")[:400]
+model = Unlucky(64, [16], 4)
+try:
+    Trainer(model, epochs=2, batch_size=32, val_fraction=0.0, progress=False).fit(x)
+except TrainingDiverged as e:
+    open(r"{tmp_path}/rank" + os.environ["RANK"], "w").write(str(e))
+    sys.exit(3)
+""")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r),
+                                                                   "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [3, 3]
+    for r in range(2):
+        assert "step 3" in (tmp_path / f"rank{r}").read_text()
+
+
 def test_cli_train_writes_weights_config_history(tmp_path):
     from aecore.cli import main
 
