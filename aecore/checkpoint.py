@@ -45,8 +45,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """{"family", "config"} of ``model`` in JSON form (config None for a model without one)."""
     try:
-        config = model.config()
-    except (AttributeError, NotImplementedError):
+        config = model.config() if callable(getattr(model, "config", None)) else None
+    except NotImplementedError:  # a model class that declares config() without giving one
         config = None
     family = getattr(model, "family", "") or type(model).__name__
     # Through JSON so that it compares equal to what a checkpoint read back holds (tuples...).

@@ -219,22 +219,13 @@ class VAE(AutoEncoderBase):
             lp = -0.5 * ((target - raw).pow(2) * torch.exp(-ls2) + ls2 + _LOG_2PI)
         return lp.flatten(1).sum(dim=1)
 
-    def _target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        if target is None:
-            return x
-        self.check_input(target, "target")
-        if target.shape != x.shape:
-            raise ValueError(f"target must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(target.shape)}")
-        return target
-
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss": mean of recon + beta * kl (the negative beta-ELBO per sample), "recon": mean
         -log p(target | z), "kl": mean KL(q(z|x) || p(z))}; one z per sample. An
         unconditional VAE ignores ``y`` (the trainer passes labels to every model)."""
         y = y if self.num_classes else None
-        target = self._target(x, target)
+        target = self.check_target(x, target)
         mu, logvar = self.encode(x, y)
         z, kl = reparameterize(mu, logvar)
         recon = -self.log_px(self._decode_raw(z, y), target)

@@ -241,6 +241,22 @@ def test_bad_arguments():
         Trainer(_model(), progress=False).fit([[0.0] * 64])
 
 
+def _run_two_ranks(script: Path, timeout: float) -> list[int]:
+    """Exit codes of ``script`` run as ranks 0 and 1 of a torchrun-style gloo group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r),
+                                                                   "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:  # a hung rank must not outlive the test
+        for p in procs:
+            p.kill()
+
+
 AE = 'AutoEncoder(64, [32], 8, output_activation="sigmoid")'
 # VQ-VAE codebooks are buffers (EMA) or re-seeded from data: kept in step apart from gradients.
 VQ = "VQVAE(64, [32], num_latents=2, code_dim=4, num_codes=32, dead_after=1, ema={})"
@@ -268,14 +284,7 @@ flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().valu
 json.dump({{"params": flat.tolist(), "hist": hist}},
           open(r"{tmp_path}/rank" + os.environ["RANK"] + ".json", "w"))
 """)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r),
-                                                                   "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    assert _run_two_ranks(script, timeout=240) == [0, 0]
     r0, r1 = (json.loads(Path(tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert np.array_equal(r0["params"], r1["params"])
     assert r0["hist"][-1]["train_loss"] < r0["hist"][0]["train_loss"]
@@ -311,19 +320,7 @@ except TrainingDiverged as e:
     open(r"{tmp_path}/rank" + os.environ["RANK"], "w").write(str(e))
     sys.exit(3)
 """)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r),
-                                                                   "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    try:
-        codes = [p.wait(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert codes == [3, 3]
+    assert _run_two_ranks(script, timeout=180) == [3, 3]
     for r in range(2):
         assert "step 3" in (tmp_path / f"rank{r}").read_text()
 
