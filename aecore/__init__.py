@@ -29,9 +29,10 @@ _EXPORTS = {
     "save_model": "aecore.io",
     "load_model": "aecore.io",
     "Normalization": "aecore.normalization",
+    "LatentIndex": "aecore.search",
 }
 _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families",
-               "geometry")
+               "geometry", "search")
 # Modules that register model families when imported.
 FAMILY_MODULES = (
     "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive", "aecore.vqvae",

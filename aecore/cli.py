@@ -96,8 +96,8 @@ def _cmd_train(args) -> int:
         test.update(denoise_report(model, torch.from_numpy(x_test), corruption,
                                    torch.Generator().manual_seed(args.seed)))
     save_model(model, out, history,
-               extra={"data": args.data, "data_root": args.data_root, "model": args.model,
-                      "corruption": spec, "test": test})
+               extra={"data": args.data, "data_root": args.data_root, "seed": args.seed,
+                      "model": args.model, "corruption": spec, "test": test})
     plot_history(history, out / "loss.png")
     if model.latent_dim == 2 and not data.is_image:
         from aecore.plots import plot_latent_2d
@@ -143,6 +143,14 @@ def _cmd_denoise(args) -> int:
 
     denoise_file(args.model_dir, args.input, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from aecore.search import search_file
+
+    search_file(args.model_dir, args.query, args.out, gallery=args.gallery, k=args.k,
+                metric=args.metric, grid=args.grid, data_root=args.data_root)
     return 0
 
 
@@ -225,6 +233,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("--out", default="denoised.npy")
     d.set_defaults(fn=_cmd_denoise)
+
+    f = sub.add_parser("search", help="find the gallery samples nearest to each query by "
+                       "latent similarity")
+    f.add_argument("model_dir")
+    f.add_argument("query", help=".npy of raw query samples")
+    f.add_argument("--gallery", default=None,
+                   help=".npy of raw samples, or a data set name (its training split); default: "
+                        "the data set the model was trained on")
+    f.add_argument("--data-root", default=None)
+    f.add_argument("--k", type=int, default=10)
+    f.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
+    f.add_argument("--out", default="neighbours.npz")
+    f.add_argument("--grid", default=None, help="PNG of the queries beside their neighbours")
+    f.set_defaults(fn=_cmd_search)
 
     b = sub.add_parser("bench", help="benchmark every kernel against eager and torch.compile")
     b.add_argument("--quick", action="store_true")

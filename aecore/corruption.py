@@ -211,30 +211,14 @@ def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
     normalization, reconstructed, mapped back to raw units and written (float32, the input's
     shape) to ``out_npy`` atomically. Returns the written array.
     """
-    from aecore.io import atomic_write, check_output, load_model, load_npy
+    from aecore.io import atomic_write, check_output, load_model, load_npy, model_inputs
 
     out_npy = check_output(out_npy, ".npy", (input_npy,))
     model = load_model(model_dir)
     raw = load_npy(input_npy, "input")
-    shape = tuple(model.input_shape)
-    size = math.prod(shape)
-    if raw.ndim >= 2 and math.prod(raw.shape[1:]) == size:
-        n = raw.shape[0]
-    elif raw.size == size:
-        n = 1
-    else:
-        raise ValueError(f"input_npy must hold samples of shape {shape} (or {size} values "
-                         f"each), got an array of shape {raw.shape}")
-    if n == 0:
-        raise ValueError(f"input_npy holds no samples (shape {raw.shape})")
-    if not np.isfinite(raw).all():
-        # NaN/Inf would come out as NaN rows looking like a result.
-        raise ValueError("input_npy contains NaN or Inf")
+    x = model_inputs(model, raw, "input_npy")
     norm = model.normalization
-    # Normalisation may be per feature: apply it on rows in the model's own layout.
-    x = raw.reshape(n, *shape).astype(np.float32)
-    x = norm.apply(x) if norm is not None else x
-    out = _run(model, torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    out = _run(model, torch.from_numpy(x)).numpy()
     out = norm.invert(out) if norm is not None else out
     out = np.ascontiguousarray(out.reshape(raw.shape), dtype=np.float32)
 

@@ -6,6 +6,7 @@ Nothing here loads pickles: weights are safetensors, everything else JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -87,6 +88,30 @@ def load_npy(path: str | os.PathLike, name: str) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold a real numeric array, got dtype {a.dtype}")
     return a
+
+
+def model_inputs(model, raw: np.ndarray, name: str) -> np.ndarray:
+    """Raw samples for ``model``: (N, *sample) or one sample, flat or shaped, in raw units ->
+    finite float32 model inputs (N, *model.input_shape), through the model's normalization.
+    Errors name ``name``."""
+    shape = tuple(model.input_shape)
+    size = math.prod(shape)
+    if raw.ndim >= 2 and math.prod(raw.shape[1:]) == size:
+        n = raw.shape[0]
+    elif raw.size == size:
+        n = 1
+    else:
+        raise ValueError(f"{name} must hold samples of shape {shape} (or {size} values each), "
+                         f"got an array of shape {raw.shape}")
+    if n == 0:
+        raise ValueError(f"{name} holds no samples (shape {raw.shape})")
+    if not np.isfinite(raw).all():
+        # NaN/Inf would come out as NaN rows looking like a result.
+        raise ValueError(f"{name} contains NaN or Inf")
+    # Normalisation may be per feature: apply it on rows in the model's own layout.
+    x = raw.reshape(n, *shape).astype(np.float32)
+    norm = model.normalization
+    return np.ascontiguousarray(norm.apply(x) if norm is not None else x)
 
 
 def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = (),

@@ -1,5 +1,6 @@
 """``aecore quickstart``: train an undercomplete autoencoder on real images, compare it with PCA
-(the linear baseline at the same code size) and draw originals against reconstructions."""
+(the linear baseline at the same code size), draw originals against reconstructions, and search
+the training images by latent similarity."""
 
 from __future__ import annotations
 
@@ -13,14 +14,22 @@ from aecore import data as datasets
 from aecore.families import Sizes, build
 from aecore.io import check_output_dir, save_model
 from aecore.plots import plot_history, save_image_grid
+from aecore.search import LatentIndex, embed, precision_at_k
 from aecore.train import Trainer
 
 
-def pca_mse(train: np.ndarray, test: np.ndarray, components: int, seed: int = 0) -> float:
-    """Test reconstruction MSE of PCA fitted on ``train`` with ``components`` components."""
+def fit_pca(train: np.ndarray, components: int, seed: int = 0):
+    """scikit-learn's PCA with ``components`` components fitted on ``train`` (N, F)."""
     from sklearn.decomposition import PCA
 
-    pca = PCA(n_components=components, svd_solver="randomized", random_state=seed).fit(train)
+    return PCA(n_components=components, svd_solver="randomized", random_state=seed).fit(train)
+
+
+def pca_mse(train: np.ndarray, test: np.ndarray, components: int, seed: int = 0, pca=None
+            ) -> float:
+    """Test reconstruction MSE of PCA fitted on ``train`` with ``components`` components
+    (``pca``: that fit, if already made)."""
+    pca = fit_pca(train, components, seed) if pca is None else pca
     recon = pca.inverse_transform(pca.transform(test))
     return float(np.mean((recon - test) ** 2))
 
@@ -56,18 +65,34 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     with torch.no_grad():
         recon = model(torch.from_numpy(x_test).to(device)).cpu().numpy()
     ae_mse = float(np.mean((recon - x_test) ** 2))
-    base_mse = pca_mse(x_train, x_test, latent, seed)
+    pca = fit_pca(x_train, latent, seed)
+    base_mse = pca_mse(x_train, x_test, latent, pca=pca)
     print(f"test reconstruction MSE  autoencoder: {ae_mse:.5f}   PCA ({latent} components): "
           f"{base_mse:.5f}   ratio AE/PCA: {ae_mse / base_mse:.3f}")
 
-    save_model(model, out / "model", history, extra={"data": data.name})
+    # Image search: the 10 training images whose codes are nearest (cosine) to each test image's.
+    y_train, y_test = data.labels("train"), data.labels("test")
+    _, nn = LatentIndex.from_model(model, x_train).search(embed(model, x_test), 10)
+    ae_prec = precision_at_k(y_train[nn.numpy()], y_test)
+    _, pca_nn = LatentIndex(pca.transform(x_train)).search(pca.transform(x_test), 10)
+    pca_prec = precision_at_k(y_train[pca_nn.numpy()], y_test)
+    print(f"image search, precision@10 (neighbours of the query's class)  autoencoder codes: "
+          f"{ae_prec:.3f}   PCA codes: {pca_prec:.3f}")
+
+    save_model(model, out / "model", history, extra={"data": data.name, "seed": seed})
     n = 10
     grid = np.concatenate([x_test[:n], np.clip(recon[:n], 0, 1)]).reshape(2 * n, *data.sample_shape)
     save_image_grid(grid, out / "reconstructions.png", nrow=n,
                     row_labels=["original", "reconstruction"])
+    rows = 5
+    found = np.concatenate([np.concatenate([x_test[r:r + 1], x_train[nn[r, :8].numpy()]])
+                            for r in range(rows)])
+    save_image_grid(found.reshape(-1, *data.sample_shape), out / "search.png", nrow=9,
+                    row_labels=[f"query {r}" for r in range(rows)])
     plot_history(history, out / "loss.png")
     elapsed = time.perf_counter() - t0
     print(f"wrote {out / 'model'} (weights, config, history), {out / 'reconstructions.png'}, "
-          f"{out / 'loss.png'}  [{elapsed:.0f}s]")
-    return {"data": data.name, "ae_mse": ae_mse, "pca_mse": base_mse, "epochs": epochs,
+          f"{out / 'search.png'}, {out / 'loss.png'}  [{elapsed:.0f}s]")
+    return {"data": data.name, "ae_mse": ae_mse, "pca_mse": base_mse,
+            "ae_precision_at_10": ae_prec, "pca_precision_at_10": pca_prec, "epochs": epochs,
             "seconds": elapsed}

@@ -9,8 +9,11 @@ def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys):
     assert result["data"] == "digits"
     assert "PCA (" in printed and "autoencoder:" in printed
     assert 0 < result["ae_mse"] < 1 and 0 < result["pca_mse"] < 1
+    assert "image search, precision@10" in printed
+    # Ten classes: chance is 0.1; near neighbours of digits share their class far more often.
+    assert result["pca_precision_at_10"] > 0.8 and result["ae_precision_at_10"] > 0.3
     for name in ("model/model.safetensors", "model/config.json", "model/history.json",
-                 "reconstructions.png", "loss.png"):
+                 "reconstructions.png", "search.png", "loss.png"):
         assert (tmp_path / "qs" / name).is_file(), name
 
 
