@@ -28,12 +28,12 @@ def _cmd_train(args) -> int:
 
     from aecore import data as datasets
     from aecore.families import (
-        DEFAULT_CORRUPTION,
         IMAGE_INPUT,
         USES_LABELS,
         Sizes,
         build,
         check_sizes,
+        default_corruption,
         default_epochs,
         train_targets,
     )
@@ -60,7 +60,7 @@ def _cmd_train(args) -> int:
     flat = args.model not in IMAGE_INPUT
     x = data.inputs("train", flat=flat)
     y = train_targets(args.model, data, x, model.latent_dim, seed=args.seed)
-    spec = args.corruption or DEFAULT_CORRUPTION.get(args.model)
+    spec = args.corruption or default_corruption(args.model, data)
     corruption = None
     if spec:
         from aecore.corruption import parse_corruption
@@ -89,7 +89,12 @@ def _cmd_train(args) -> int:
     # Targets exist for the training set only: a geometry model is scored on reconstruction.
     labelled = args.model in USES_LABELS
     test = evaluate(model, x_test, data.labels("test") if labelled else None)
-    if corruption is not None:
+    if data.interactions:
+        from aecore.recommend import ranking_report
+
+        # Held-out users: rank each one's held-out items from the rest of their row.
+        test.update(ranking_report(model, data.x_test, data.x_train, seed=args.seed))
+    elif corruption is not None:
         from aecore.corruption import denoise_report
 
         # PSNR of the corrupted held-out inputs and of the model's output, against the clean ones.
@@ -154,6 +159,13 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_recommend(args) -> int:
+    from aecore.recommend import recommend_file
+
+    recommend_file(args.model_dir, args.history, args.out, k=args.k)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from aecore.bench_report import main as bench_main
 
@@ -176,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model family and save it")
     t.add_argument("--model", default="ae")
     t.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, digits, swiss-roll or a .npy/.csv path")
+                   help="fashion-mnist, digits, swiss-roll, movielens-100k or a .npy/.csv path")
     t.add_argument("--data-root", default=None)
     t.add_argument("--epochs", type=int, default=None,
                    help="default: 10, more on small data sets (at least 1500 steps)")
@@ -247,6 +259,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="neighbours.npz")
     f.add_argument("--grid", default=None, help="PNG of the queries beside their neighbours")
     f.set_defaults(fn=_cmd_search)
+
+    r = sub.add_parser("recommend", help="recommend items to users from their interaction rows")
+    r.add_argument("model_dir")
+    r.add_argument("history", help=".npy of (users, items) interactions (0/1), or one row")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--out", default="recommendations.npz")
+    r.set_defaults(fn=_cmd_recommend)
 
     b = sub.add_parser("bench", help="benchmark every kernel against eager and torch.compile")
     b.add_argument("--quick", action="store_true")

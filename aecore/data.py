@@ -1,4 +1,5 @@
-"""Data sets: Fashion-MNIST, scikit-learn's digits and swiss roll, and the user's own arrays.
+"""Data sets: Fashion-MNIST, scikit-learn's digits and swiss roll, MovieLens 100k (implicit
+feedback), and the user's own arrays.
 
 Every loader returns a :class:`Dataset` whose raw arrays keep their units; ``inputs()`` gives
 model inputs through the dataset's :class:`~aecore.normalization.Normalization`, which is saved
@@ -23,14 +24,18 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
-NAMES = ("fashion-mnist", "digits", "swiss-roll")
+# MovieLens 100k's ratings (user, item, rating, timestamp; tab separated): GroupLens's u.data,
+# or the copy with a header line that the recbole wheel carries.
+MOVIELENS_FILES = ("u.data", "ml-100k.inter")
+NAMES = ("fashion-mnist", "digits", "swiss-roll", "movielens-100k")
 
 
 @dataclass
 class Dataset:
     """A train/test split. ``x_*`` are raw arrays (N, *sample_shape); ``y_*`` labels or None.
 
-    ``sample_shape`` is (C, H, W) for images and (F,) for tabular data.
+    ``sample_shape`` is (C, H, W) for images and (F,) for tabular data. ``interactions``:
+    rows are users' interactions with F items (0/1), as recommenders take them.
     """
 
     name: str
@@ -41,6 +46,7 @@ class Dataset:
     normalization: Normalization
     sample_shape: tuple[int, ...]
     num_classes: int | None = None
+    interactions: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -66,7 +72,7 @@ class Dataset:
             return a if a is None or n is None else a[:n]
         return Dataset(self.name, cut(self.x_train, n_train), cut(self.y_train, n_train),
                        cut(self.x_test, n_test), cut(self.y_test, n_test), self.normalization,
-                       self.sample_shape, self.num_classes)
+                       self.sample_shape, self.num_classes, self.interactions)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -150,6 +156,69 @@ def load_swiss_roll(n: int = 4000, noise: float = 0.05, test_fraction: float = 0
     return Dataset("swiss-roll", *parts, Normalization.fit(parts[0]), (3,), None)
 
 
+def find_movielens_100k(root: str | os.PathLike | None = None) -> Path | None:
+    """The MovieLens 100k ratings file: ``root`` (the file, or a folder holding u.data or
+    ml-100k.inter), $AECORE_MOVIELENS, or the copy inside an installed recbole wheel
+    (``pip install --no-deps recbole``); None when absent."""
+    import importlib.util
+
+    if root is not None:
+        candidates = [Path(root)]
+    else:
+        candidates = [Path(p) for p in [os.environ.get("AECORE_MOVIELENS")] if p]
+        # find_spec locates the package without importing it (its dependencies are not needed).
+        spec = importlib.util.find_spec("recbole")
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(Path(loc) / "dataset_example" / "ml-100k")
+    for c in candidates:
+        if c.is_file():
+            return c
+        for name in MOVIELENS_FILES:
+            if (c / name).is_file():
+                return c / name
+    return None
+
+
+def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float = 4.0,
+                        min_items: int = 5, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """MovieLens 100k as implicit feedback: one row per user, (N, n_items) float32, 1 where the
+    user rated the movie at least ``min_rating`` (column j is movie id j + 1).
+
+    Users with fewer than ``min_items`` such movies are dropped; ``test_fraction`` of the users
+    are held out (strong generalisation: test users are never seen in training; their rows
+    are split into fold-in and held-out items at evaluation, :mod:`aecore.recommend`)."""
+    path = find_movielens_100k(root)
+    if path is None:
+        where = repr(str(root)) if root is not None else "$AECORE_MOVIELENS or a recbole wheel"
+        raise FileNotFoundError(
+            f"MovieLens 100k not found in {where}. `pip install --no-deps recbole==1.2.1` "
+            "installs a copy (ml-100k.inter; nothing else of recbole is needed), or pass the "
+            "folder holding GroupLens's u.data (--data-root DIR or AECORE_MOVIELENS=DIR).")
+    with open(path) as f:
+        lines = [line.split("\t") for line in f.read().splitlines() if line.strip()]
+    if lines and not lines[0][0].strip().isdigit():  # recbole's "user_id:token ..." header
+        lines = lines[1:]
+    try:
+        table = np.array([[float(v) for v in line[:3]] for line in lines], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{path}: expected tab-separated user, item, rating[, timestamp] "
+                         "lines") from None
+    if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0 or (table[:, :2] < 1).any():
+        raise ValueError(f"{path}: expected tab-separated user, item, rating lines with ids >= 1")
+    users, items = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64) - 1
+    keep = table[:, 2] >= min_rating
+    ids, row = np.unique(users, return_inverse=True)
+    x = np.zeros((len(ids), int(items.max()) + 1), np.float32)
+    x[row[keep], items[keep]] = 1.0
+    x = x[x.sum(1) >= min_items]
+    if len(x) < 2:
+        raise ValueError(f"{path}: fewer than 2 users have {min_items} movies rated "
+                         f">= {min_rating}")
+    parts = _split(x, None, test_fraction, seed)
+    return Dataset("movielens-100k", *parts, Normalization(mean=0.0, std=1.0), (x.shape[1],),
+                   None, interactions=True)
+
+
 def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
                label_column: int | None = None) -> Dataset:
     """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F), optionally with a
@@ -212,13 +281,16 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
 
 
 def load(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
-    """Load a data set by name (``fashion-mnist``, ``digits``, ``swiss-roll``) or file path."""
+    """Load a data set by name (``fashion-mnist``, ``digits``, ``swiss-roll``,
+    ``movielens-100k``) or file path."""
     if name == "fashion-mnist":
         return load_fashion_mnist(root)
     if name == "digits":
         return load_digits(seed=seed)
     if name == "swiss-roll":
         return load_swiss_roll(seed=seed)
+    if name == "movielens-100k":
+        return load_movielens_100k(root, seed=seed)
     if Path(name).suffix in (".npy", ".csv"):
         return load_array(name, seed=seed)
     raise ValueError(f"data must be one of {NAMES} or a .npy/.csv path, got {name!r}")

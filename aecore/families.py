@@ -24,6 +24,8 @@ class Sizes:
 
 
 def default_hidden(data: Dataset) -> list[int]:
+    if data.interactions:  # Liang et al.'s I-600-200 recommender
+        return [600]
     d = data.input_dim
     if d <= 3:  # low-dimensional manifolds (the swiss roll): a smooth chart needs some depth
         return [128, 128]
@@ -31,6 +33,8 @@ def default_hidden(data: Dataset) -> list[int]:
 
 
 def default_activation(data: Dataset) -> str:
+    if data.interactions:
+        return "tanh"
     # silu for low-dimensional data: relu charts of a curved 2-D sheet come out piecewise flat.
     return "silu" if data.input_dim <= 3 else "relu"
 
@@ -46,6 +50,8 @@ def default_epochs(n_train: int, batch_size: int, min_steps: int = 1500) -> int:
 
 
 def default_latent(data: Dataset) -> int:
+    if data.interactions:
+        return 200
     d = data.input_dim
     return 32 if d >= 512 else 2 if d <= 3 else max(d // 4, 2)
 
@@ -128,9 +134,13 @@ def _grae(data: Dataset, s: Sizes):
 def _vae(data: Dataset, s: Sizes, beta: float = 1.0, conditional: bool = False):
     from aecore.vae import VAE, ConditionalVAE
 
-    # Bernoulli likelihood for images in [0, 1]; Gaussian for standardised tabular data.
-    kw = {"likelihood": "bernoulli" if data.is_image else "gaussian",
-          "beta": s.weight if s.weight is not None else beta}
+    # Bernoulli likelihood for images in [0, 1]; Gaussian for standardised tabular data;
+    # multinomial for interaction rows, with Liang et al.'s beta of 0.2 (their annealing's end).
+    likelihood = ("multinomial" if data.interactions else "bernoulli" if data.is_image
+                  else "gaussian")
+    if data.interactions and beta == 1.0:
+        beta = 0.2
+    kw = {"likelihood": likelihood, "beta": s.weight if s.weight is not None else beta}
     mlp = _mlp_kwargs(data, s)
     if conditional:
         return ConditionalVAE(data.num_classes, **mlp, **kw)
@@ -160,6 +170,14 @@ USES_LABELS: set[str] = {"cvae"}
 USES_EMBEDDING: set[str] = {"grae"}
 # Families trained on corrupted inputs by default (the corruption spec; --corruption overrides).
 DEFAULT_CORRUPTION: dict[str, str] = {"dae": "gaussian:0.3"}
+# On interaction rows every family trains on masked rows (half of each user's items dropped,
+# as Liang et al.'s input dropout), against the whole row.
+INTERACTIONS_CORRUPTION = "mask:0.5"
+
+
+def default_corruption(name: str, data: Dataset) -> str | None:
+    """The corruption spec family ``name`` trains with on ``data`` by default, or None."""
+    return INTERACTIONS_CORRUPTION if data.interactions else DEFAULT_CORRUPTION.get(name)
 
 
 def train_targets(name: str, data: Dataset, x, latent_dim: int, seed: int = 0):

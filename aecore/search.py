@@ -50,11 +50,12 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     x = torch.as_tensor(x)
     model.check_input(x, "x")
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
-        out = [_codes(model, x[i:i + batch_size].to(device)).float().cpu()
+        # In the model's dtype: float64 arrays (numpy's default) meet float32 weights.
+        out = [_codes(model, x[i:i + batch_size].to(param.device, param.dtype)).float().cpu()
                for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)

@@ -7,6 +7,12 @@ q(z | x) = N(mu(x), diag(exp(logvar(x)))), p(z) = N(0, I), and p(x | z) one of
 - ``"gaussian-learned"``: mean from the decoder, a learned log-variance per feature
   (``variance="feature"``) or one for all features (``"scalar"``), clamped into
   [LOG_SIGMA2_MIN, LOG_SIGMA2_MAX] so that the likelihood cannot run away on constant pixels.
+- ``"multinomial"``: counts over the features (items a user interacted with), the decoder
+  outputs logits of one categorical distribution, log p = sum_i x_i log softmax(logits)_i (the
+  multinomial coefficient, constant in the model, left out); the encoder sees x / ||x||_2, so
+  users with many and few interactions share one scale. With ``beta`` ~ 0.2 and masked inputs
+  in training this is the Mult-VAE of Liang et al., "Variational Autoencoders for
+  Collaborative Filtering", WWW 2018 (:mod:`aecore.recommend`).
 
 Sampling and the KL term run through the fused op
 :func:`aecore.kernels.reparameterize.reparameterize`.
@@ -34,7 +40,7 @@ from aecore.kernels._backend import exporting
 from aecore.kernels.reparameterize import LOGVAR_MAX, LOGVAR_MIN, reparameterize
 from aecore.registry import register
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "multinomial")
 VARIANCES = ("feature", "scalar")
 LOG_SIGMA2_MIN, LOG_SIGMA2_MAX = -9.0, 9.0
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -60,7 +66,8 @@ class VAE(AutoEncoderBase):
     MLP: ``input_dim`` and ``hidden_dims`` (the decoder mirrors them), inputs (B, input_dim).
     Conv: ``input_shape`` (C, H, W) and ``channels`` (H, W divisible by 2**len(channels)),
     inputs (B, C, H, W). ``encode`` -> (mu, logvar), each (B, latent_dim); ``decode`` -> the
-    likelihood's mean (probabilities for Bernoulli), (B, *input_shape); ``forward`` = decode(mu).
+    likelihood's mean (probabilities for Bernoulli; for multinomial the item probabilities, each
+    row summing to 1), (B, *input_shape); ``forward`` = decode(mu).
     """
 
     family = "vae"
@@ -171,6 +178,8 @@ class VAE(AutoEncoderBase):
         """(B, *input_shape) -> (mu, logvar), each (B, latent_dim)."""
         self.check_input(x)
         h = self._onehot(y, x.shape[0], x.device, x.dtype)
+        if self.likelihood == "multinomial":
+            x = F.normalize(x.flatten(1), dim=1).view_as(x)  # a zero row stays zero
         if h is not None:
             if self.channels is not None:
                 h = h[:, :, None, None].expand(-1, -1, *x.shape[2:])
@@ -180,7 +189,8 @@ class VAE(AutoEncoderBase):
 
     def _decode_raw(self, z: torch.Tensor, y: torch.Tensor | None = None,
                     arg: str = "y") -> torch.Tensor:
-        """Logits (Bernoulli) or means (Gaussian), (B, *input_shape); label errors name ``arg``."""
+        """Logits (Bernoulli, multinomial) or means (Gaussian), (B, *input_shape); label errors
+        name ``arg``."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"z must be a floating point torch.Tensor, got "
                             f"{getattr(z, 'dtype', type(z).__name__)}")
@@ -191,6 +201,8 @@ class VAE(AutoEncoderBase):
         return self.decoder(z if h is None else torch.cat([z, h], dim=1))
 
     def _mean(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.likelihood == "multinomial":  # item probabilities, one distribution per row
+            return torch.softmax(raw.flatten(1), dim=1).view_as(raw)
         return torch.sigmoid(raw) if self.likelihood == "bernoulli" else raw
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,6 +223,8 @@ class VAE(AutoEncoderBase):
         raw, target = raw.to(cd), target.to(cd)
         if self.likelihood == "bernoulli":
             lp = -F.binary_cross_entropy_with_logits(raw, target, reduction="none")
+        elif self.likelihood == "multinomial":
+            lp = target.flatten(1) * torch.log_softmax(raw.flatten(1), dim=1)
         elif self.likelihood == "gaussian":
             lp = -0.5 * ((target - raw).pow(2) / self.sigma ** 2
                          + math.log(self.sigma ** 2) + _LOG_2PI)

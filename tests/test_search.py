@@ -115,6 +115,7 @@ def test_embed_uses_codes_and_posterior_means_and_keeps_the_mode():
     ae.train()
     torch.testing.assert_close(embed(ae, x, batch_size=3), want)
     assert ae.training
+    torch.testing.assert_close(embed(ae, x.double().numpy()), want)  # numpy float64 inputs
     vae = VAE(20, hidden_dims=(8,), latent_dim=4).eval()
     with torch.no_grad():
         mu, _ = vae.encode(x)

@@ -1,0 +1,227 @@
+"""Recommendation: fold-in splits, ranking metrics against float64 oracles, the multinomial VAE,
+MovieLens 100k, and the CLI."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aecore import data
+from aecore.cli import main
+from aecore.export import to_onnx
+from aecore.io import load_model
+from aecore.recommend import (
+    fold_in_split,
+    item_scores,
+    ndcg_at_k,
+    popularity,
+    ranking_report,
+    recall_at_k,
+    recommend,
+    top_items,
+)
+from aecore.vae import VAE
+
+# CI installs the data (pip install --no-deps recbole) and sets this, so that these tests run.
+needs_movielens = pytest.mark.skipif(
+    data.find_movielens_100k() is None and not os.environ.get("AECORE_REQUIRE_MOVIELENS"),
+    reason="MovieLens 100k not installed (pip install --no-deps recbole==1.2.1)")
+
+
+def _random_rows(users=40, items=30, p=0.3, seed=0):
+    g = np.random.default_rng(seed)
+    x = (g.random((users, items)) < p).astype(np.float32)
+    x[:, :2] = 1.0  # every user has at least 2 items
+    return x
+
+
+def test_fold_in_split_partitions_each_row():
+    x = _random_rows()
+    fold, held = fold_in_split(x, holdout=0.2, seed=3)
+    assert fold.shape == held.shape == x.shape
+    assert not (fold * held).any()                                     # disjoint
+    np.testing.assert_array_equal((fold + held).numpy(), x)           # and together the row
+    n = x.sum(1)
+    want = np.clip(np.round(0.2 * n), 1, n - 1)
+    np.testing.assert_array_equal(held.sum(1).numpy(), want)
+    again = fold_in_split(x, holdout=0.2, seed=3)
+    assert torch.equal(again[1], held)
+    assert not torch.equal(fold_in_split(x, holdout=0.2, seed=4)[1], held)
+
+
+def test_fold_in_split_rejects_bad_rows_and_holdout():
+    with pytest.raises(ValueError, match="at least 2 items each.*1 rows have fewer"):
+        fold_in_split(np.array([[1, 1, 0], [0, 1, 0]], np.float32))
+    with pytest.raises(ValueError, match=r"holdout must be a float in \(0, 1\)"):
+        fold_in_split(_random_rows(), holdout=1.0)
+    with pytest.raises(ValueError, match="rows must be a 2-D"):
+        fold_in_split(np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        fold_in_split(-np.ones((2, 3), np.float32))
+
+
+def _oracle(scores, fold, held, k):
+    """float64 loops over users: (Recall@k, NDCG@k), fold-in items never ranked."""
+    recalls, ndcgs = [], []
+    for s, f, h in zip(scores, fold, held):
+        order = [i for i in np.argsort(-s, kind="stable") if f[i] == 0][:k]
+        hits = [float(h[i] > 0) for i in order]
+        n = int(h.sum())
+        recalls.append(sum(hits) / min(k, n))
+        dcg = sum(r / math.log2(i + 2) for i, r in enumerate(hits))
+        ndcgs.append(dcg / sum(1 / math.log2(i + 2) for i in range(min(k, n))))
+    return float(np.mean(recalls)), float(np.mean(ndcgs))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 25])
+def test_recall_and_ndcg_match_float64_oracle_and_sklearn(k):
+    from sklearn.metrics import ndcg_score
+
+    x = _random_rows(users=23, items=60, seed=k)
+    fold, held = fold_in_split(x, seed=1)
+    scores = torch.rand(x.shape, generator=torch.Generator().manual_seed(k))
+    ranked = top_items(scores, fold, k)
+    want_recall, want_ndcg = _oracle(scores.numpy(), fold.numpy(), held.numpy(), k)
+    assert recall_at_k(ranked, held) == pytest.approx(want_recall, rel=1e-12)
+    assert ndcg_at_k(ranked, held) == pytest.approx(want_ndcg, rel=1e-12)
+    # scikit-learn's NDCG of the same ranking (fold-in items scored below every other item).
+    masked = np.where(fold.numpy() > 0, -1.0, scores.numpy())
+    assert ndcg_at_k(ranked, held) == pytest.approx(ndcg_score(held.numpy(), masked, k=k),
+                                                    rel=1e-9)
+
+
+def test_metrics_by_hand():
+    held = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    ranked = torch.tensor([[3, 1, 0]])          # hits: miss, hit, miss
+    assert recall_at_k(ranked, held) == pytest.approx(0.5)     # 1 of min(3, 2)
+    assert ndcg_at_k(ranked, held) == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    with pytest.raises(ValueError, match="held_out must have at least one item per user"):
+        recall_at_k(ranked, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"ranked must be \(U, K\) item indices"):
+        ndcg_at_k(ranked.float(), held)
+
+
+def test_top_items_never_returns_seen_items():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    seen = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(top_items(scores, seen, 2).numpy(), [[1, 2], [3, 2]])
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 4\]"):
+        top_items(scores, seen, 5)
+    with pytest.raises(ValueError, match="seen must have the shape of the scores"):
+        top_items(scores, seen[:1], 2)
+    with pytest.raises(ValueError, match="k=3 is more than some user's unseen items"):
+        top_items(scores, seen, 3)
+    np.testing.assert_array_equal(top_items(scores, seen > 0, 2).numpy(), [[1, 2], [3, 2]])
+
+
+def test_popularity_counts_users():
+    rows = np.array([[1, 0, 2], [1, 0, 0], [0, 0, 1]], np.float32)
+    np.testing.assert_array_equal(popularity(rows).numpy(), [2, 0, 2])
+
+
+def test_multinomial_vae_likelihood_and_normalised_encoder():
+    torch.manual_seed(0)
+    model = VAE(12, hidden_dims=(8,), latent_dim=3, activation="tanh", likelihood="multinomial",
+                beta=0.2).double()
+    x = torch.tensor(_random_rows(5, 12), dtype=torch.float64)
+    raw = torch.randn(5, 12, dtype=torch.float64)
+    want = (x * (raw - torch.logsumexp(raw, 1, keepdim=True))).sum(1)
+    torch.testing.assert_close(model.log_px(raw, x), want)
+    probs = model.decode(torch.randn(5, 3, dtype=torch.float64))
+    torch.testing.assert_close(probs.sum(1), torch.ones(5, dtype=torch.float64))
+    # The encoder sees x / ||x||: a user's row scaled by 3 has the same posterior.
+    torch.testing.assert_close(model.encode(3 * x)[0], model.encode(x)[0])
+    assert torch.isfinite(model.encode(torch.zeros(1, 12, dtype=torch.float64))[0]).all()
+    out = {k: float(v.detach()) for k, v in model.loss(x).items()}
+    assert math.isfinite(out["loss"])
+    assert out["loss"] == pytest.approx(out["recon"] + 0.2 * out["kl"], rel=1e-12)
+    assert VAE(**model.config()).likelihood == "multinomial"
+
+
+def test_multinomial_vae_exports_and_verifies(tmp_path):
+    torch.manual_seed(0)
+    model = VAE(30, hidden_dims=(16,), latent_dim=4, activation="tanh",
+                likelihood="multinomial").eval()
+    for part in ("autoencoder", "encoder"):
+        to_onnx(model, tmp_path / f"{part}.onnx", part=part)  # ORT + onnx.reference vs torch
+        assert (tmp_path / f"{part}.onnx").is_file()
+
+
+def test_recommend_ranks_unseen_items_by_the_models_scores():
+    torch.manual_seed(0)
+    model = VAE(30, hidden_dims=(16,), latent_dim=4, likelihood="multinomial").eval()
+    history = _random_rows(6, 30)
+    items, scores = recommend(model, history.astype(np.float64), k=5)  # float64 rows work too
+    assert items.shape == scores.shape == (6, 5)
+    full = item_scores(model, history)
+    for u in range(6):
+        assert not history[u, items[u].numpy()].any()
+        unseen = full[u][torch.from_numpy(history[u] == 0)]
+        torch.testing.assert_close(scores[u], unseen.topk(5).values)
+
+
+def test_movielens_loader_reads_grouplens_files_and_rejects_others(tmp_path):
+    lines = [f"{u}\t{i}\t{r}\t88125{u}{i}" for u, i, r in
+             [(1, 1, 5), (1, 2, 4), (1, 3, 3), (1, 4, 5), (1, 5, 4), (1, 6, 4),
+              (2, 1, 4), (2, 3, 5), (2, 4, 4), (2, 5, 5), (2, 6, 5), (3, 2, 5)]]
+    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    ds = data.load_movielens_100k(tmp_path, test_fraction=0.5)
+    assert ds.interactions and ds.sample_shape == (6,)
+    rows = {tuple(r) for r in np.concatenate([ds.x_train, ds.x_test]).tolist()}
+    assert rows == {(1, 1, 0, 1, 1, 1), (1, 0, 1, 1, 1, 1)}  # user 3 has 1 positive: dropped
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "u.data").write_text("user item rating\nnot numbers here\n")
+    with pytest.raises(ValueError, match="expected tab-separated user, item, rating"):
+        data.load_movielens_100k(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps recbole"):
+        data.load_movielens_100k(tmp_path / "missing")
+
+
+@needs_movielens
+def test_movielens_100k_is_the_real_data_set():
+    ds = data.load("movielens-100k")
+    x = np.concatenate([ds.x_train, ds.x_test])
+    # 943 users x 1682 movies, 55375 ratings of 4 or 5; users with 5 or more of them: 938.
+    assert x.shape == (938, 1682) and ds.x_test.shape[0] == round(938 * 0.2)
+    assert set(np.unique(x)) == {0.0, 1.0} and (x.sum(1) >= 5).all()
+    assert int(x.sum()) == 55375 - 14  # the 14 positives of the 5 dropped users
+
+
+@needs_movielens
+def test_mult_vae_on_movielens_beats_popularity():
+    from aecore.corruption import Masking
+    from aecore.train import Trainer
+
+    ds = data.load("movielens-100k")
+    torch.manual_seed(0)
+    model = VAE(1682, hidden_dims=(200,), latent_dim=50, activation="tanh",
+                likelihood="multinomial", beta=0.2)
+    Trainer(model, lr=1e-3, batch_size=128, epochs=40, seed=0, corruption=Masking(0.5),
+            progress=False).fit(ds.x_train)
+    report = ranking_report(model, ds.x_test, ds.x_train)
+    assert report["ndcg@100"] > report["popularity_ndcg@100"] + 0.05, report
+    assert report["recall@20"] > report["popularity_recall@20"] + 0.05, report
+
+
+@needs_movielens
+def test_cli_trains_a_recommender_and_recommends(tmp_path, capsys):
+    out = tmp_path / "mv"
+    assert main(["train", "--model", "vae", "--data", "movielens-100k", "--epochs", "2",
+                 "--hidden", "32", "--latent", "8", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "recall@20=" in printed and "popularity_ndcg@100=" in printed
+    model = load_model(out)
+    assert model.likelihood == "multinomial" and model.beta == pytest.approx(0.2)
+    history = data.load("movielens-100k").x_test[:4]
+    np.save(tmp_path / "h.npy", history)
+    assert main(["recommend", str(out), str(tmp_path / "h.npy"), "--k", "7", "--out",
+                 str(tmp_path / "r.npz")]) == 0
+    recs = np.load(tmp_path / "r.npz")
+    assert recs["items"].shape == (4, 7)
+    assert not np.take_along_axis(history, recs["items"], 1).any()
+    np.save(tmp_path / "bad.npy", np.ones((2, 5), np.float32))
+    assert main(["recommend", str(out), str(tmp_path / "bad.npy"), "--out",
+                 str(tmp_path / "r2.npz")]) == 2
+    assert "history must hold interaction rows of 1682 items" in capsys.readouterr().err
