@@ -32,7 +32,7 @@ _EXPORTS = {
     "LatentIndex": "aecore.search",
 }
 _SUBMODULES = ("data", "losses", "kernels", "export", "plots", "io", "train", "families",
-               "geometry", "search")
+               "geometry", "search", "recommend")
 # Modules that register model families when imported.
 FAMILY_MODULES = (
     "aecore.autoencoder", "aecore.conv", "aecore.sparse", "aecore.contractive", "aecore.vqvae",

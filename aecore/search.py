@@ -151,7 +151,7 @@ class LatentIndex:
         # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g; |q|^2 is the same for every g and ranks nothing.
         _, cand = torch.topk(torch.addmm(self._sqnorm, qc, self._keys.T, alpha=-2.0), m,
                              dim=1, largest=False)
-        exact = (self._keys[cand] - qc[:, None, :]).pow(2).sum(dim=2)   # (q, m), from differences
+        exact = (self.codes[cand] - q[:, None, :]).pow(2).sum(dim=2)  # (q, m), from differences
         d, order = torch.topk(exact, k, dim=1, largest=False)
         return d.sqrt_(), cand.gather(1, order)
 
