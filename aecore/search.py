@@ -212,6 +212,18 @@ def _gallery(model_dir: Path, config: dict, gallery: str | None,
     return raw, str(gallery)
 
 
+def _image_shape(input_shape: tuple[int, ...], raw_gallery: np.ndarray) -> tuple[int, ...]:
+    """The (C, H, W) or (H, W) shape to draw samples in: an image model's input, else the
+    gallery's own sample shape (a flat MLP of images still gets images of their shape)."""
+    if len(input_shape) == 3:
+        return input_shape
+    sample = raw_gallery.shape[1:]
+    if len(sample) == 2 or (len(sample) == 3 and sample[0] in (1, 3)):
+        return tuple(sample)
+    raise ValueError(f"--grid needs images: an image model, or a gallery of (N, H, W) or "
+                     f"(N, C, H, W) samples; this gallery has samples of shape {tuple(sample)}")
+
+
 def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
                 out_npz: str | os.PathLike, gallery: str | None = None, k: int = 10,
                 metric: str = "cosine", grid: str | os.PathLike | None = None,
@@ -222,7 +234,7 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
     ``gallery``: a .npy of raw samples, or a data set name (its training split); by default the
     data set the model was trained on. Writes ``out_npz`` atomically with ``indices`` (Q, k)
     int64 rows of the gallery and ``distances`` (Q, k) float32, nearest first; ``grid``: a PNG
-    of the first 8 queries beside their neighbours (image models). Returns the arrays.
+    of the first 8 queries beside their neighbours (image data). Returns the arrays.
     """
     from aecore.io import (
         atomic_write,
@@ -241,12 +253,11 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
     if metric not in METRICS:
         raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
     model = load_model(model_dir)
-    if grid is not None and len(model.input_shape) != 3:
-        raise ValueError("--grid needs an image model; this one takes inputs of shape "
-                         f"{tuple(model.input_shape)}")
     queries = model_inputs(model, load_npy(query_npy, "query"), "query")
     raw_gallery, described = _gallery(model_dir, read_config(model_dir), gallery, data_root)
     gallery_x = model_inputs(model, raw_gallery, "--gallery")
+    if grid is not None:
+        image = _image_shape(tuple(model.input_shape), raw_gallery)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(gallery_x):
         raise ValueError(f"--k must be in [1, {len(gallery_x)}] (the gallery size), got {k!r}")
     index = LatentIndex.from_model(model, gallery_x, metric)
@@ -265,7 +276,7 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
 
         rows = min(8, len(queries))
         images = np.concatenate([np.concatenate([queries[r:r + 1], gallery_x[result["indices"][r]]])
-                                 for r in range(rows)])
+                                 for r in range(rows)]).reshape(-1, *image)
         save_image_grid(images, grid, nrow=k + 1,
                         row_labels=[f"query {r}" for r in range(rows)])
         print(f"wrote {grid}")

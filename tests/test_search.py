@@ -230,10 +230,19 @@ def test_cli_search_grid_for_image_models(tmp_path):
     assert (tmp_path / "nn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_search_grid_for_a_flat_model_of_images(digits_model, tmp_path):
+    # The MLP takes flat rows; the default gallery (digits' training images) gives the shape.
+    _, model_dir = digits_model
+    np.save(tmp_path / "q.npy", load_digits(seed=0).x_test[:2].reshape(2, 64))
+    assert main(["search", str(model_dir), str(tmp_path / "q.npy"), "--out",
+                 str(tmp_path / "nn.npz"), "--grid", str(tmp_path / "nn.png")]) == 0
+    assert (tmp_path / "nn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--k", "0"], r"--k must be in \[1, 20\]"),
     (["--k", "21"], r"--k must be in \[1, 20\]"),
-    (["--grid", "nn.png"], "--grid needs an image model"),
+    (["--grid", "nn.png"], r"--grid needs images.*samples of shape \(64,\)"),
     (["--out", "nn.npy"], "--out must be a .npz file path"),
 ])
 def test_cli_search_rejects_bad_arguments(digits_model, tmp_path, capsys, monkeypatch, extra,
