@@ -132,7 +132,7 @@ def _cmd_export(args) -> int:
     from aecore.export.cli import export_cli
 
     export_cli(args.model_dir, args.part, args.out, quantize=args.quantize,
-               threshold=args.threshold, calibration=args.calibration)
+               threshold=args.threshold, calibration=args.calibration, k=args.k)
     return 0
 
 
@@ -226,11 +226,13 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a trained model to ONNX")
     e.add_argument("model_dir")
     e.add_argument("--part", default="autoencoder",
-                   choices=["autoencoder", "encoder", "decoder", "generator", "scorer"])
+                   choices=["autoencoder", "encoder", "decoder", "generator", "scorer",
+                            "recommender"])
     e.add_argument("--out", required=True)
     e.add_argument("--quantize", choices=["dynamic", "static", "fp16"], default=None)
     e.add_argument("--calibration", default=None, help=".npy inputs for static quantization")
     e.add_argument("--threshold", type=float, default=None, help="scorer's anomaly threshold")
+    e.add_argument("--k", type=int, default=10, help="recommender's items per user")
     e.set_defaults(fn=_cmd_export)
 
     i = sub.add_parser("infer", help="run an exported ONNX model on a .npy file")

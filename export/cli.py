@@ -56,7 +56,8 @@ def _calibration(model_dir, model, part: str, calibration: str | None) -> np.nda
 
 
 def export_cli(model_dir, part: str, out, quantize: str | None = None,
-               threshold: float | None = None, calibration: str | None = None) -> dict | None:
+               threshold: float | None = None, calibration: str | None = None,
+               k: int = 10) -> dict | None:
     """Export a saved model folder's ``part`` to ``out``, optionally quantized."""
     from aecore.export.onnx_export import to_onnx
     from aecore.io import load_model
@@ -64,14 +65,14 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     out = check_output(out, ".onnx")
     model = load_model(model_dir)
     if quantize is None:
-        to_onnx(model, out, part=part, threshold=threshold)
+        to_onnx(model, out, part=part, threshold=threshold, k=k)
         print(f"wrote {out}")
         return None
     from aecore.export.quantize import quantize as quantize_fn
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        to_onnx(model, fp32, part=part, threshold=threshold)
+        to_onnx(model, fp32, part=part, threshold=threshold, k=k)
         calib = (_calibration(model_dir, model, part, calibration) if quantize == "static"
                  else None)
         report = quantize_fn(fp32, out, mode=quantize, calibration=calib)
@@ -112,11 +113,12 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
         extra = (np.atleast_1d(labels).astype(np.int64),)
     norm = model.metadata.get("normalization") if normalize else None
     part = model.metadata.get("part")
-    if norm and part in ("autoencoder", "encoder", "scorer"):
+    if norm and part in ("autoencoder", "encoder", "scorer", "recommender"):
         x = (x.astype(np.float32) - np.asarray(norm["mean"], np.float32)) \
             / np.asarray(norm["std"], np.float32)
     shape = model.metadata.get("input_shape")
-    if shape and part in ("autoencoder", "encoder", "scorer") and x.ndim == len(shape):
+    if shape and part in ("autoencoder", "encoder", "scorer", "recommender") \
+            and x.ndim == len(shape):
         x = x[None]  # a single sample
     outputs = model.run_all(x, *extra)
     if norm and part in ("autoencoder", "decoder", "generator"):

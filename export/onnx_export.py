@@ -2,9 +2,11 @@
 
 Parts: ``autoencoder`` (x -> reconstruction), ``encoder`` (x -> code; mu and logvar for VAEs),
 ``decoder`` (code -> reconstruction), ``generator`` (noise -> sample, for models with a prior;
-the noise is an input so results are reproducible) and ``scorer`` (x -> per-sample
-reconstruction error and an is-anomaly flag against a threshold). Conditional models take
-int64 labels as a second input.
+the noise is an input so results are reproducible), ``scorer`` (x -> per-sample
+reconstruction error and an is-anomaly flag against a threshold) and ``recommender`` (a user's
+interaction row (B, I) -> the ``k`` items the user has not interacted with that score highest in
+the reconstruction, int64 (B, k), and their scores, best first; a user with fewer than k unseen
+items gets the rest with score -inf). Conditional models take int64 labels as a second input.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from aecore.io import write_bytes
 
-PARTS = ("autoencoder", "encoder", "decoder", "generator", "scorer")
+PARTS = ("autoencoder", "encoder", "decoder", "generator", "scorer", "recommender")
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -45,13 +47,20 @@ def _has_prior(model) -> bool:
 class _Part(nn.Module):
     """One exportable view of a model; ``forward`` takes (x[, y]) tensors."""
 
-    def __init__(self, model, part: str, threshold: float | None):
+    def __init__(self, model, part: str, threshold: float | None, k: int | None = None):
         super().__init__()
-        self.model, self.part, self.threshold = model, part, threshold
+        self.model, self.part, self.threshold, self.k = model, part, threshold, k
         self.cond = _conditional(model)
+
+    def item_scores(self, x):
+        """The recommender's scores (B, I): the reconstruction, -inf on items already seen."""
+        return self.model(x).masked_fill(x > 0, float("-inf"))
 
     def forward(self, x, y=None):
         m, extra = self.model, ((y,) if self.cond else ())
+        if self.part == "recommender":
+            scores, items = torch.topk(self.item_scores(x), self.k, dim=1)
+            return items, scores
         if self.part == "autoencoder":
             return m(x, *extra)
         if self.part == "encoder":
@@ -64,10 +73,12 @@ class _Part(nn.Module):
 
 def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
     first = {"autoencoder": "x", "encoder": "x", "scorer": "x", "decoder": "z",
-             "generator": "noise"}[part]
+             "generator": "noise", "recommender": "x"}[part]
     inputs = [first, "labels"] if _conditional(model) else [first]
     if part == "scorer":
         outputs = ["score", "is_anomaly"]
+    elif part == "recommender":
+        outputs = ["items", "scores"]
     elif part == "encoder" and n_outputs == 2:
         outputs = ["mu", "logvar"]
     elif part == "encoder":
@@ -80,6 +91,8 @@ def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
 def _examples(model, part: str, batch: int, generator: torch.Generator) -> tuple:
     """Inputs for ``part`` at batch size ``batch``: (x[, labels])."""
     x = torch.rand(batch, *model.input_shape, generator=generator)
+    if part == "recommender":  # interaction rows: some items seen (1), most not (0)
+        x = (x < 0.2).float()
     labels = (torch.randint(0, model.num_classes, (batch,), generator=generator)
               if _conditional(model) else None)
     if part in ("decoder", "generator"):
@@ -102,7 +115,8 @@ def _check_standard(proto: onnx.ModelProto) -> None:
         raise VerificationError(f"the graph uses non-standard op domains {custom}")
 
 
-def _metadata(model, part: str, threshold: float | None, inputs, outputs) -> dict[str, str]:
+def _metadata(model, part: str, threshold: float | None, inputs, outputs,
+              k: int | None = None) -> dict[str, str]:
     import aecore
 
     norm = getattr(model, "normalization", None)
@@ -120,6 +134,8 @@ def _metadata(model, part: str, threshold: float | None, inputs, outputs) -> dic
         meta["num_classes"] = json.dumps(int(model.num_classes))
     if threshold is not None:
         meta["threshold"] = json.dumps(float(threshold))
+    if k is not None:
+        meta["k"] = json.dumps(int(k))
     return meta
 
 
@@ -152,6 +168,19 @@ def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names
                             ("onnx.reference", reference.run(None, arrays))):
             for i, (g, w) in enumerate(zip(got, want)):
                 key = f"{engine}:output{i}"
+                if getattr(wrapper, "part", None) == "recommender" and i == 0:
+                    # Items whose scores agree to rounding may swap ranks between engines: the
+                    # items are right when torch scores them as it scores its own top k.
+                    with torch.no_grad():
+                        full = wrapper.item_scores(feed[0]).numpy()
+                    picked = np.take_along_axis(full, g.astype(np.int64), 1)
+                    mismatch = float(np.sum(g != w))
+                    worst[key] = max(worst.get(key, 0.0), mismatch)
+                    if g.shape != w.shape or not np.allclose(picked, want[1], rtol=rtol,
+                                                             atol=atol):
+                        bad.append(f"{key} at batch {len(feed[0])}: items that torch does "
+                                   "not rank in its top k")
+                    continue
                 if w.dtype == np.bool_:
                     mismatch = int(np.sum(g != w))
                     worst[key] = max(worst.get(key, 0.0), float(mismatch))
@@ -175,9 +204,11 @@ def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names
 
 
 def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset: int = 20,
-            verify: bool = True, threshold: float | None = None,
+            verify: bool = True, threshold: float | None = None, k: int = 10,
             check_batches: tuple[int, int] = (3, 5)) -> Path:
     """Export ``part`` of ``model`` to ``path`` (one file, dynamic batch, standard ops only).
+
+    ``threshold``: the scorer's; ``k``: the recommender's number of items per user.
 
     With ``verify`` the graph runs in ONNX Runtime and onnx.reference at the two batch sizes of
     ``check_batches`` and must match torch, before anything is written. The write is atomic.
@@ -195,6 +226,16 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
     if part == "generator" and not _has_prior(model):
         raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
                          f"{model.family!r} has none: export its 'decoder' instead")
+    if part == "recommender":
+        if len(model.input_shape) != 1 or _conditional(model):
+            raise ValueError(f"part='recommender' needs a model of flat interaction rows "
+                             f"(users, items) without labels; {model.family!r} takes inputs of "
+                             f"shape {tuple(model.input_shape)}")
+        items = int(model.input_shape[0])
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= items:
+            raise ValueError(f"k must be an int in [1, {items}] (the number of items), got {k!r}")
+    else:
+        k = None
     if part == "scorer" and threshold is None:
         threshold = getattr(model, "threshold", None)
         if threshold is None:
@@ -210,16 +251,16 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
     training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        data = _export(model.eval().cpu(), part, opset, threshold, verify, check_batches)
+        data = _export(model.eval().cpu(), part, opset, threshold, verify, check_batches, k)
     finally:
         model.train(training).to(device)
     return write_bytes(path, data)
 
 
 def _export(model, part: str, opset: int, threshold: float | None, verify: bool,
-            check_batches: tuple[int, int]) -> bytes:
+            check_batches: tuple[int, int], k: int | None = None) -> bytes:
     """The serialized, checked (and with ``verify``, verified) ONNX model of ``part``."""
-    wrapper = _Part(model, part, threshold).eval()
+    wrapper = _Part(model, part, threshold, k).eval()
     gen = torch.Generator().manual_seed(0)
     example = _examples(model, part, 2, gen)  # batch >= 2: 0 and 1 get specialised
     with torch.no_grad():
@@ -239,7 +280,7 @@ def _export(model, part: str, opset: int, threshold: float | None, verify: bool,
         proto = onnx.inliner.inline_local_functions(proto)
     _check_standard(proto)
     set_metadata(proto, _metadata(model, part, threshold if part == "scorer" else None,
-                                  inputs, outputs))
+                                  inputs, outputs, k))
     onnx.checker.check_model(proto)
     if verify:
         feeds = [_examples(model, part, b, gen) for b in check_batches]

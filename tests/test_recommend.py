@@ -10,7 +10,7 @@ import torch
 
 from aecore import data
 from aecore.cli import main
-from aecore.export import to_onnx
+from aecore.export import Model, VerificationError, to_onnx
 from aecore.io import load_model
 from aecore.recommend import (
     fold_in_split,
@@ -149,6 +149,55 @@ def test_multinomial_vae_exports_and_verifies(tmp_path):
         assert (tmp_path / f"{part}.onnx").is_file()
 
 
+@pytest.mark.parametrize("family", ["vae", "ae"])
+def test_recommender_part_matches_recommend_in_onnx_runtime(tmp_path, family):
+    from aecore.autoencoder import AutoEncoder
+
+    torch.manual_seed(0)
+    model = (VAE(40, hidden_dims=(16,), latent_dim=4, activation="tanh",
+                 likelihood="multinomial") if family == "vae"
+             else AutoEncoder(40, hidden_dims=(16,), latent_dim=4)).eval()
+    path = to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=6)
+    runtime = Model(path)
+    assert runtime.output_names == ["items", "scores"] and runtime.metadata["k"] == 6
+    for batch in (1, 257):
+        history = _random_rows(batch, 40, seed=batch)
+        out = runtime.run_all(history)
+        items, scores = recommend(model, history, k=6)
+        assert out["items"].dtype == np.int64
+        np.testing.assert_array_equal(out["items"], items.numpy())
+        np.testing.assert_allclose(out["scores"], scores.numpy(), rtol=1e-5, atol=1e-7)
+    # A user with fewer than k unseen items gets the rest as -inf, never as a seen item's score.
+    full = np.ones((1, 40), np.float32)
+    full[0, :2] = 0.0
+    out = runtime.run_all(full)
+    assert set(out["items"][0, :2]) == {0, 1} and np.isneginf(out["scores"][0, 2:]).all()
+
+
+def test_recommender_part_rejects_bad_k_and_models_and_disagreeing_graphs(tmp_path):
+    from aecore.conv import ConvAutoEncoder
+    from aecore.export import onnx_export
+
+    torch.manual_seed(0)
+    model = VAE(20, hidden_dims=(8,), latent_dim=3, likelihood="multinomial").eval()
+    for k in (0, 21, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 20\]"):
+            to_onnx(model, tmp_path / "r.onnx", part="recommender", k=k)
+    with pytest.raises(ValueError, match="part='recommender' needs a model of flat interaction"):
+        to_onnx(ConvAutoEncoder((1, 8, 8), channels=(4,), latent_dim=3), tmp_path / "r.onnx",
+                part="recommender")
+    assert not (tmp_path / "r.onnx").exists()
+    # Verification compares items by torch's scores: another model's graph must fail it.
+    import onnx
+
+    proto = onnx.load_from_string(onnx_export._export(model, "recommender", 20, None, False,
+                                                      (3, 5), 4))
+    other = VAE(20, hidden_dims=(8,), latent_dim=3, likelihood="multinomial").eval()
+    feeds = [onnx_export._examples(other, "recommender", 6, torch.Generator().manual_seed(1))]
+    with pytest.raises(VerificationError, match="items that torch does not rank in its top k"):
+        onnx_export.verify(proto, onnx_export._Part(other, "recommender", None, 4), feeds, ["x"])
+
+
 def test_recommend_ranks_unseen_items_by_the_models_scores():
     torch.manual_seed(0)
     model = VAE(30, hidden_dims=(16,), latent_dim=4, likelihood="multinomial").eval()
@@ -221,6 +270,12 @@ def test_cli_trains_a_recommender_and_recommends(tmp_path, capsys):
     recs = np.load(tmp_path / "r.npz")
     assert recs["items"].shape == (4, 7)
     assert not np.take_along_axis(history, recs["items"], 1).any()
+    assert main(["export", str(out), "--part", "recommender", "--k", "7", "--out",
+                 str(tmp_path / "rec.onnx")]) == 0
+    assert main(["infer", str(tmp_path / "rec.onnx"), str(tmp_path / "h.npy"), "--out",
+                 str(tmp_path / "items.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "items.npy"), recs["items"])
+    np.testing.assert_allclose(np.load(tmp_path / "items.scores.npy"), recs["scores"], rtol=1e-5)
     np.save(tmp_path / "bad.npy", np.ones((2, 5), np.float32))
     assert main(["recommend", str(out), str(tmp_path / "bad.npy"), "--out",
                  str(tmp_path / "r2.npz")]) == 2
