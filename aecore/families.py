@@ -131,15 +131,15 @@ def _grae(data: Dataset, s: Sizes):
     return _weighted(GeometryAutoEncoder, data, s)
 
 
-def _vae(data: Dataset, s: Sizes, beta: float = 1.0, conditional: bool = False):
+def _vae(data: Dataset, s: Sizes, beta: float | None = None, conditional: bool = False):
     from aecore.vae import VAE, ConditionalVAE
 
     # Bernoulli likelihood for images in [0, 1]; Gaussian for standardised tabular data;
     # multinomial for interaction rows, with Liang et al.'s beta of 0.2 (their annealing's end).
     likelihood = ("multinomial" if data.interactions else "bernoulli" if data.is_image
                   else "gaussian")
-    if data.interactions and beta == 1.0:
-        beta = 0.2
+    if beta is None:
+        beta = 0.2 if data.interactions else 1.0
     kw = {"likelihood": likelihood, "beta": s.weight if s.weight is not None else beta}
     mlp = _mlp_kwargs(data, s)
     if conditional:

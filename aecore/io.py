@@ -161,6 +161,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, write)
 
 
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """Write named numeric arrays to an uncompressed .npz, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez appends ".npz" to names
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                metadata: dict[str, str] | None = None) -> Path:
     """Write tensors to a safetensors file atomically (tied/shared storage is cloned apart)."""

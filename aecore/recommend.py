@@ -171,7 +171,7 @@ def recommend_file(model_dir: str | os.PathLike, history_npy: str | os.PathLike,
     """Recommend k items to each user of ``history_npy`` ((U, I) or one (I,) interaction row)
     with the model saved in ``model_dir``; writes ``out_npz`` atomically with ``items`` (U, k)
     int64 column indices and ``scores`` (U, k) float32, best first. Returns the arrays."""
-    from aecore.io import atomic_write, check_output, load_model, load_npy
+    from aecore.io import check_output, load_model, load_npy, write_npz
 
     out_npz = check_output(out_npz, ".npz", (history_npy,))
     model = load_model(model_dir)
@@ -182,12 +182,7 @@ def recommend_file(model_dir: str | os.PathLike, history_npy: str | os.PathLike,
                          f"got an array of shape {raw.shape}")
     items, scores = recommend(model, rows, k)
     result = {"items": items.numpy(), "scores": scores.numpy()}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez appends ".npz" to names
-            np.savez(f, **result)
-
-    atomic_write(out_npz, write)
+    write_npz(out_npz, result)
     print(f"recommended {k} items to each of {len(rows)} users; wrote {out_npz}")
     return result
 

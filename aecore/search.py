@@ -237,12 +237,12 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
     of the first 8 queries beside their neighbours (image data). Returns the arrays.
     """
     from aecore.io import (
-        atomic_write,
         check_output,
         load_model,
         load_npy,
         model_inputs,
         read_config,
+        write_npz,
     )
 
     model_dir = Path(model_dir)
@@ -263,12 +263,7 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
     index = LatentIndex.from_model(model, gallery_x, metric)
     dist, idx = index.search(embed(model, queries), k)
     result = {"indices": idx.cpu().numpy(), "distances": dist.cpu().numpy()}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez appends ".npz" to names
-            np.savez(f, **result)
-
-    atomic_write(out_npz, write)
+    write_npz(out_npz, result)
     print(f"searched {described} for {len(queries)} queries: {k} neighbours each by {metric} "
           f"distance of {model.latent_dim}-value codes; wrote {out_npz}")
     if grid is not None:
