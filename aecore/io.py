@@ -230,17 +230,53 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG} in {str(directory)!r}: not an aecore model folder")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_state(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], path: Path) -> None:
+    """ValueError naming what differs when weights belong to another model than the config's."""
+    problems = [f"missing {k!r}" for k in want if k not in got]
+    problems += [f"unexpected {k!r}" for k in got if k not in want]
+    problems += [f"{k!r} has shape {tuple(got[k].shape)}, the model's is {tuple(v.shape)}"
+                 for k, v in want.items() if k in got and got[k].shape != v.shape]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{str(path)!r} does not match the model {CONFIG} describes: "
+                         + "; ".join(problems[:3]) + more)
 
 
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save_model` (eval mode, on ``map_location``)."""
+    from safetensors import SafetensorError
+
     from aecore.registry import model_class
 
     config = read_config(directory)
-    model = model_class(config["family"])(**config["kwargs"])
-    state = load_file(str(Path(directory) / _weights_name(config)), device=str(map_location))
+    where = str(Path(directory) / CONFIG)
+    if not isinstance(config.get("family"), str) or not isinstance(config.get("kwargs"), dict):
+        raise ValueError(f"{where!r} must name the model's 'family' (a string) and its "
+                         f"'kwargs' (an object): not a config written by save_model")
+    cls = model_class(config["family"])
+    try:
+        model = cls(**config["kwargs"])
+    except TypeError as e:
+        raise ValueError(f"{where!r}: the kwargs do not build a {config['family']!r} model "
+                         f"({e})") from None
+    weights = Path(directory) / _weights_name(config)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no weights file {str(weights)!r} (named by {CONFIG})")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
+    _check_state(model.state_dict(), state, weights)
     model.load_state_dict(state)
     model.normalization = Normalization.from_dict(config.get("normalization"))
     return model.to(map_location).eval()

@@ -63,11 +63,16 @@ def fold_in_split(rows: np.ndarray | torch.Tensor, holdout: float = 0.2, seed: i
 
 
 @torch.no_grad()
-def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The model's reconstruction of interaction rows (U, I) -> scores (U, I) float32 on the
-    CPU (a multinomial VAE: item probabilities). Eval mode, restored after."""
-    x = _rows(rows, "rows")
-    model.check_input(x, "rows")
+def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
+                name: str = "rows") -> torch.Tensor:
+    """The model's reconstruction of raw interaction rows (U, I) -> scores (U, I) float32 on
+    the CPU (a multinomial VAE: item probabilities). The rows go through the model's
+    normalization, if it has one, as in training. Eval mode, restored after."""
+    x = _rows(rows, name)
+    model.check_input(x, name)
+    norm = getattr(model, "normalization", None)
+    if norm is not None:
+        x = torch.from_numpy(norm.apply(x.numpy()))
     param = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -83,28 +88,36 @@ def top_items(scores: torch.Tensor, seen: np.ndarray | torch.Tensor | None, k: i
               ) -> torch.Tensor:
     """The k best-scored items of each row that the user has not seen: scores (U, I), seen
     (U, I) interactions (0/1, counts or bool) or None -> item indices (U, k) int64, best first.
-    Every user must have at least k unseen items."""
+    Scores may be -inf (never ahead of an item scored higher, always ahead of a seen one), not
+    NaN. Every user must have at least k unseen items."""
     scores = torch.as_tensor(scores).float()
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (users, items), got shape {tuple(scores.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [1, {scores.shape[1]}] (the number of items), "
                          f"got {k!r}")
-    if seen is not None:
-        seen = _rows(seen, "seen")
-        if seen.shape != scores.shape:
-            raise ValueError(f"seen must have the shape of the scores {tuple(scores.shape)}, "
-                             f"got {tuple(seen.shape)}")
-        if len(seen) and int((seen > 0).sum(1).max()) > scores.shape[1] - k:
-            raise ValueError(f"k={k} is more than some user's unseen items (a user has seen "
-                             f"{int((seen > 0).sum(1).max())} of {scores.shape[1]})")
-        scores = scores.masked_fill(seen > 0, float("-inf"))
-    return torch.topk(scores, k, dim=1).indices
+    if torch.isnan(scores).any() or (scores == float("inf")).any():
+        raise ValueError("scores must not be NaN or +inf")
+    if seen is None:
+        return torch.topk(scores, k, dim=1).indices
+    seen = _rows(seen, "seen") > 0
+    if seen.shape != scores.shape:
+        raise ValueError(f"seen must have the shape of the scores {tuple(scores.shape)}, "
+                         f"got {tuple(seen.shape)}")
+    if len(seen) and int(seen.sum(1).max()) > scores.shape[1] - k:
+        raise ValueError(f"k={k} is more than some user's unseen items (a user has seen "
+                         f"{int(seen.sum(1).max())} of {scores.shape[1]})")
+    # Ranked by (unseen first, then score): an unseen item scored -inf still precedes every
+    # seen one. float64 holds every float32 score exactly, with room below them for the seen.
+    key = scores.double().clamp_(min=torch.finfo(torch.float32).min)
+    return torch.topk(key.masked_fill_(seen, float("-inf")), k, dim=1).indices
 
 
-def recommend(model, history: np.ndarray | torch.Tensor, k: int = 10
+def recommend(model, history: np.ndarray | torch.Tensor, k: int = 10, name: str = "history"
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k items to recommend to each user: history (U, I) interactions -> (items (U, k)
+    """The k items to recommend to each user: history (U, I) raw interactions -> (items (U, k)
     int64, scores (U, k)), best first, never an item already in the user's history."""
-    scores = item_scores(model, history)
+    scores = item_scores(model, history, name=name)
     items = top_items(scores, history, k)
     return items, scores.gather(1, items)
 
@@ -113,13 +126,22 @@ def _hits(ranked: torch.Tensor, held_out: np.ndarray | torch.Tensor) -> tuple[to
                                                                               torch.Tensor]:
     held = _rows(held_out, "held_out") > 0
     ranked = torch.as_tensor(ranked)
-    if ranked.dim() != 2 or len(ranked) != len(held) or ranked.dtype.is_floating_point:
-        raise ValueError(f"ranked must be (U, K) item indices for the {len(held)} users, got "
-                         f"shape {tuple(ranked.shape)} and dtype {ranked.dtype}")
+    if (ranked.dim() != 2 or len(ranked) != len(held) or ranked.shape[1] == 0
+            or ranked.dtype.is_floating_point or ranked.dtype == torch.bool
+            or ranked.is_complex()):
+        raise ValueError(f"ranked must be (U, K) integer item indices, K >= 1, for the "
+                         f"{len(held)} users, got shape {tuple(ranked.shape)} and dtype "
+                         f"{ranked.dtype}")
+    ranked = ranked.long()
+    if ranked.numel() and (int(ranked.min()) < 0 or int(ranked.max()) >= held.shape[1]):
+        raise ValueError(f"ranked must hold item indices in [0, {held.shape[1]}), got values in "
+                         f"[{int(ranked.min())}, {int(ranked.max())}]")
+    if ranked.shape[1] > 1 and (ranked.sort(1).values.diff(dim=1) == 0).any():
+        raise ValueError("ranked must not list an item twice in one row")
     n = held.sum(1)
     if (n == 0).any():
         raise ValueError("held_out must have at least one item per user")
-    return held.gather(1, ranked.long()).double(), n
+    return held.gather(1, ranked).double(), n
 
 
 def recall_at_k(ranked: torch.Tensor, held_out: np.ndarray | torch.Tensor) -> float:
@@ -177,9 +199,16 @@ def recommend_file(model_dir: str | os.PathLike, history_npy: str | os.PathLike,
     model = load_model(model_dir)
     raw = load_npy(history_npy, "history")
     rows = raw[None] if raw.ndim == 1 else raw
+    if len(model.input_shape) != 1:
+        raise ValueError(f"recommend needs a model of flat (users, items) interaction rows; "
+                         f"the one in {str(model_dir)!r} takes inputs of shape "
+                         f"{tuple(model.input_shape)}")
     if rows.ndim != 2 or rows.shape[1:] != tuple(model.input_shape) or len(rows) == 0:
         raise ValueError(f"history must hold interaction rows of {model.input_shape[0]} items, "
                          f"got an array of shape {raw.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rows.shape[1]:
+        raise ValueError(f"--k must be an int in [1, {rows.shape[1]}] (the number of items), "
+                         f"got {k!r}")
     items, scores = recommend(model, rows, k)
     result = {"items": items.numpy(), "scores": scores.numpy()}
     write_npz(out_npz, result)

@@ -9,11 +9,15 @@ holds at most ``CHUNK_SCORES`` scores, so memory stays bounded whatever the numb
 Metrics (distances, smallest first):
 
 - ``cosine``: 1 - cos(q, g); codes are normalised once, a zero code has distance 1 to all.
-- ``l2``: Euclidean distance. Candidates are ranked by the expanded form
-  |g|^2 - 2 q.g on codes centred on the gallery's mean (a translation changes no distance, and
-  centring keeps the cancelling terms small), then the best candidates' distances are
-  recomputed from the differences and sorted, so the distances returned are exact to float32
-  rounding, not the expanded form's.
+- ``l2``: Euclidean distance, on codes centred on the gallery's mean (a translation changes
+  no distance, and centring keeps the expanded form's cancelling terms small).
+
+Both rank every code by one matmul (-cos, or |g|^2 - 2 q.g), then recompute the distances of
+the best candidates from differences (|u_q - u_g|^2 / 2 of the unit codes, |q - g|) and sort
+those: the distances returned are exact to float32 rounding, not the expanded forms', which
+cancel badly for near-duplicates (1 - cos rounds to 0 below angles of ~3e-4) and for codes far
+from the gallery's mean. The candidates are every code whose matmul score lies within the
+score's float32 rounding bound of the k-th best, so rounding can't drop a true neighbour.
 """
 
 from __future__ import annotations
@@ -29,10 +33,9 @@ METRICS = ("cosine", "l2")
 # chunks must not be small; larger ones leave the caches (10000 x 60000 x 32 on a 2-core CPU:
 # 2.8 s at 2**20, 1.9 s at 2**22, 3.1 s at 2**24).
 CHUNK_SCORES = 1 << 22
-# Candidates the l2 search re-ranks exactly beyond k: the expanded form's float32 rounding can
-# only swap codes whose squared distances agree to ~1e-6 of the centred codes' squared norms,
-# so a few spare candidates cover it.
-L2_SPARE = 8
+# Candidates re-ranked from differences beyond k at least; more where the matmul's rounding
+# bound says more could be among the k nearest (``_search_chunk``).
+SPARE = 8
 _FORMAT = "aecore.LatentIndex"
 
 
@@ -71,16 +74,26 @@ def _matrix(codes, name: str) -> torch.Tensor:
                         f"{type(codes).__name__}")
     if not codes.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {codes.dtype}")
-    if codes.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (N, code_dim), got shape {tuple(codes.shape)}")
+    if codes.dim() != 2 or codes.shape[1] == 0:
+        raise ValueError(f"{name} must be 2-D (N, code_dim) with code_dim >= 1, got shape "
+                         f"{tuple(codes.shape)}")
+    codes = codes.float().contiguous()  # before the check: float64 beyond float32's range -> inf
     if not torch.isfinite(codes).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return codes.float().contiguous()
+        raise ValueError(f"{name} contains NaN or Inf, or values beyond float32's range")
+    # Distances square the codes: squares must stay finite, with room for sums of two.
+    if len(codes) and float(codes.pow(2).sum(dim=1).max()) > torch.finfo(torch.float32).max / 8:
+        raise ValueError(f"{name} has codes too large to compare in float32 (squared norms "
+                         f"overflow); scale them down")
+    return codes
+
+
+def _norms(codes: torch.Tensor) -> torch.Tensor:
+    return codes.norm(dim=1, keepdim=True)
 
 
 def _unit(codes: torch.Tensor) -> torch.Tensor:
     # A zero code stays zero: cosine distance 1 to everything, never NaN.
-    return codes / codes.norm(dim=1, keepdim=True).clamp_min(torch.finfo(codes.dtype).tiny)
+    return codes / _norms(codes).clamp_min(torch.finfo(codes.dtype).tiny)
 
 
 class LatentIndex:
@@ -94,17 +107,20 @@ class LatentIndex:
     def __init__(self, codes: np.ndarray | torch.Tensor, metric: str = "cosine"):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        codes = _matrix(codes, "codes")
+        # A copy: later changes to the caller's array must not leave the index stale.
+        codes = _matrix(codes, "codes").clone()
         if len(codes) == 0:
             raise ValueError("codes must hold at least one gallery code, got 0 rows")
         self.codes = codes
         self.metric = metric
         if metric == "cosine":
             self._keys = _unit(codes)
+            self._zero = _norms(codes)[:, 0] < torch.finfo(torch.float32).tiny
         else:
             self._mean = codes.mean(dim=0, dtype=torch.float64).float()
             self._keys = codes - self._mean
             self._sqnorm = self._keys.pow(2).sum(dim=1)
+            self._radius = float(self._sqnorm.max().sqrt())
 
     @classmethod
     def from_model(cls, model, x: np.ndarray | torch.Tensor, metric: str = "cosine",
@@ -129,9 +145,8 @@ class LatentIndex:
                              f"got shape {tuple(q.shape)}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
             raise ValueError(f"k must be an int in [1, {len(self)}] (the gallery size), got {k!r}")
-        # Scores per query: N (cosine), or N and the (k + spare) x D differences (l2).
-        per_query = len(self) if self.metric == "cosine" else max(
-            len(self), min(len(self), k + L2_SPARE) * self.dim)
+        # Per query: N scores, and the (k + spare) x D differences of the re-ranking.
+        per_query = max(len(self), min(len(self), k + SPARE) * self.dim)
         step = max(1, CHUNK_SCORES // per_query)
         dists, idx = [], []
         for i in range(0, len(q), step):
@@ -143,17 +158,53 @@ class LatentIndex:
         return torch.cat(dists), torch.cat(idx)
 
     def _search_chunk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rank every code by one matmul, then re-rank candidates from differences. A float32
+        # score is off by at most e = gamma * (the magnitude of its terms), so a code can be
+        # among the true k nearest only if its score is within 2e of the k-th best: candidates
+        # double from k + SPARE until the last one falls outside that band for every query.
+        gamma = (self.dim + 8) * 2.0**-24
         if self.metric == "cosine":
-            sim, j = torch.topk(_unit(q) @ self._keys.T, k, dim=1)
-            return (1.0 - sim).clamp_(0.0, 2.0), j
-        qc = q - self._mean
-        m = min(len(self), k + L2_SPARE)
-        # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g; |q|^2 is the same for every g and ranks nothing.
-        _, cand = torch.topk(torch.addmm(self._sqnorm, qc, self._keys.T, alpha=-2.0), m,
-                             dim=1, largest=False)
-        exact = (self.codes[cand] - q[:, None, :]).pow(2).sum(dim=2)  # (q, m), from differences
-        d, order = torch.topk(exact, k, dim=1, largest=False)
-        return d.sqrt_(), cand.gather(1, order)
+            qk = _unit(q)
+            score = qk @ self._keys.T  # cos, larger nearer; unit vectors: |terms| <= 1
+            band, largest = 2 * gamma, True
+        else:
+            qk = q - self._mean
+            # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g; |q|^2 is the same for every g and ranks nothing.
+            score = torch.addmm(self._sqnorm, qk, self._keys.T, alpha=-2.0)
+            r = self._radius
+            band = 2 * gamma * (r * r + 2 * r * qk.norm(dim=1))
+            largest = False
+        m = min(len(self), k + SPARE)
+        while True:
+            top, cand = torch.topk(score, m, dim=1, largest=largest)
+            gap = (top[:, k - 1] - top[:, -1]) if largest else (top[:, -1] - top[:, k - 1])
+            if m == len(self) or not bool((gap <= band).any()):
+                break
+            m = min(len(self), 2 * m)
+        del score
+        return self._rerank(q, qk, cand, k)
+
+    def _rerank(self, q: torch.Tensor, qk: torch.Tensor, cand: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest of each query's candidates (q, m), by distances from differences:
+        |q - g| (l2), |u_q - u_g|^2 / 2 = 1 - cos of the unit codes (cosine), exact where
+        the expanded forms cancel. Blocks of queries keep the (block, m, D) differences within
+        CHUNK_SCORES."""
+        step = max(1, CHUNK_SCORES // (cand.shape[1] * self.dim))
+        dists, idx = [], []
+        for i in range(0, len(q), step):
+            c = cand[i:i + step]
+            if self.metric == "cosine":
+                u = qk[i:i + step]
+                d = (self._keys[c] - u[:, None, :]).pow(2).sum(dim=2).mul_(0.5)
+                zero = self._zero[c] | (_norms(q[i:i + step]) < torch.finfo(torch.float32).tiny)
+                d = d.masked_fill_(zero, 1.0).clamp_(0.0, 2.0)
+            else:
+                d = (self.codes[c] - q[i:i + step, None, :]).pow(2).sum(dim=2)
+            d, order = torch.topk(d, k, dim=1, largest=False)
+            dists.append(d if self.metric == "cosine" else d.sqrt_())
+            idx.append(c.gather(1, order))
+        return torch.cat(dists), torch.cat(idx)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the gallery codes and metric to a safetensors file, atomically."""
@@ -187,8 +238,8 @@ def precision_at_k(neighbour_labels: np.ndarray | torch.Tensor,
     (the gallery labels at the search's indices), query_labels (Q,) -> a float in [0, 1]."""
     nb = torch.as_tensor(neighbour_labels)
     ql = torch.as_tensor(query_labels)
-    if nb.dim() != 2 or ql.dim() != 1 or len(nb) != len(ql) or len(ql) == 0:
-        raise ValueError(f"neighbour_labels must be (Q, k) and query_labels (Q,), Q >= 1; got "
+    if nb.dim() != 2 or ql.dim() != 1 or len(nb) != len(ql) or len(ql) == 0 or nb.shape[1] == 0:
+        raise ValueError(f"neighbour_labels must be (Q, k) and query_labels (Q,), Q, k >= 1; got "
                          f"{tuple(nb.shape)} and {tuple(ql.shape)}")
     return float((nb == ql[:, None]).double().mean())
 

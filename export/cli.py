@@ -47,7 +47,8 @@ def _calibration(model_dir, model, part: str, calibration: str | None) -> np.nda
         raise ValueError(f"--calibration must hold samples of shape {tuple(model.input_shape)} "
                          f"(or {size} values each), got an array of shape {raw.shape}")
     x = raw.reshape(len(raw), *model.input_shape).astype(np.float32)
-    x = model.normalization.apply(x) if model.normalization is not None else x
+    if model.normalization is not None and part != "recommender":  # it normalises in-graph
+        x = model.normalization.apply(x)
     if part != "decoder":
         return np.ascontiguousarray(x, np.float32)
     with torch.no_grad():
@@ -113,7 +114,7 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
         extra = (np.atleast_1d(labels).astype(np.int64),)
     norm = model.metadata.get("normalization") if normalize else None
     part = model.metadata.get("part")
-    if norm and part in ("autoencoder", "encoder", "scorer", "recommender"):
+    if norm and part in ("autoencoder", "encoder", "scorer"):
         x = (x.astype(np.float32) - np.asarray(norm["mean"], np.float32)) \
             / np.asarray(norm["std"], np.float32)
     shape = model.metadata.get("input_shape")

@@ -51,10 +51,20 @@ class _Part(nn.Module):
         super().__init__()
         self.model, self.part, self.threshold, self.k = model, part, threshold, k
         self.cond = _conditional(model)
+        norm = getattr(model, "normalization", None)
+        if part == "recommender" and norm is not None:
+            # The recommender takes raw rows: "seen" is x > 0 in raw units, so the model's
+            # normalization runs in the graph, after the mask is taken.
+            self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32))
+            self.register_buffer("std", torch.tensor(norm.std, dtype=torch.float32))
+        else:
+            self.mean = self.std = None
 
     def item_scores(self, x):
-        """The recommender's scores (B, I): the reconstruction, -inf on items already seen."""
-        return self.model(x).masked_fill(x > 0, float("-inf"))
+        """The recommender's scores (B, I) of raw rows x (B, I): the reconstruction, -inf on
+        items already seen."""
+        inputs = x if self.mean is None else (x - self.mean) / self.std
+        return self.model(inputs).masked_fill(x > 0, float("-inf"))
 
     def forward(self, x, y=None):
         m, extra = self.model, ((y,) if self.cond else ())
@@ -119,7 +129,8 @@ def _metadata(model, part: str, threshold: float | None, inputs, outputs,
               k: int | None = None) -> dict[str, str]:
     import aecore
 
-    norm = getattr(model, "normalization", None)
+    # A recommender normalises its raw rows in the graph.
+    norm = getattr(model, "normalization", None) if part != "recommender" else None
     meta = {
         "aecore_version": aecore.__version__,
         "family": model.family,

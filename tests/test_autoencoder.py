@@ -77,6 +77,30 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("damage,match", [
+    (lambda d, c: (d / "config.json").write_text("{"), "is not valid JSON"),
+    (lambda d, c: (d / "config.json").write_text("[1]"), "must hold a JSON object"),
+    (lambda d, c: aecore.io.write_json(d / "config.json", {"kwargs": c["kwargs"]}),
+     "must name the model's 'family'"),
+    (lambda d, c: aecore.io.write_json(d / "config.json", {**c, "kwargs": {"bogus": 1}}),
+     "the kwargs do not build a 'ae' model"),
+    (lambda d, c: aecore.io.write_json(
+        d / "config.json", {**c, "kwargs": {**c["kwargs"], "latent_dim": 3}}),
+     r"does not match the model config.json describes: .*has shape \(2, 6\), the model's is "
+     r"\(3, 6\)"),
+    (lambda d, c: (d / c["weights"]).write_bytes(b"xx"), "is not a readable safetensors file"),
+    (lambda d, c: (d / c["weights"]).unlink(), "no weights file"),
+])
+def test_load_model_names_what_is_wrong_with_a_damaged_folder(tmp_path, damage, match):
+    import json
+
+    save_model(AutoEncoder(12, [6], 2), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    damage(tmp_path / "m", config)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_model(tmp_path / "m")
+
+
 def test_check_input_messages():
     ae = AutoEncoder(4, [3], 2)
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 4\)"):

@@ -99,8 +99,15 @@ def test_metrics_by_hand():
     assert ndcg_at_k(ranked, held) == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
     with pytest.raises(ValueError, match="held_out must have at least one item per user"):
         recall_at_k(ranked, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"ranked must be \(U, K\) item indices"):
+    with pytest.raises(ValueError, match=r"ranked must be \(U, K\) integer item indices"):
         ndcg_at_k(ranked.float(), held)
+    with pytest.raises(ValueError, match=r"K >= 1"):
+        recall_at_k(ranked[:, :0], held)
+    with pytest.raises(ValueError, match="must not list an item twice"):
+        recall_at_k(torch.tensor([[1, 1, 0]]), held)  # would count one hit twice
+    for bad in ([[4, 1, 0]], [[-1, 1, 0]]):
+        with pytest.raises(ValueError, match=r"item indices in \[0, 4\)"):
+            ndcg_at_k(torch.tensor(bad), held)
 
 
 def test_top_items_never_returns_seen_items():
@@ -114,6 +121,14 @@ def test_top_items_never_returns_seen_items():
     with pytest.raises(ValueError, match="k=3 is more than some user's unseen items"):
         top_items(scores, seen, 3)
     np.testing.assert_array_equal(top_items(scores, seen > 0, 2).numpy(), [[1, 2], [3, 2]])
+    # Log-probability scores may be -inf: such an item still ranks ahead of every seen one.
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]]))
+    np.testing.assert_array_equal(
+        top_items(logp, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]), 3)[0, :1].numpy(), [2])
+    assert set(top_items(logp, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]), 3)[0].tolist()) == {
+        2, 3, 4}
+    with pytest.raises(ValueError, match="scores must not be NaN"):
+        top_items(torch.tensor([[0.1, float("nan")]]), None, 1)
 
 
 def test_popularity_counts_users():
@@ -209,6 +224,50 @@ def test_recommend_ranks_unseen_items_by_the_models_scores():
         assert not history[u, items[u].numpy()].any()
         unseen = full[u][torch.from_numpy(history[u] == 0)]
         torch.testing.assert_close(scores[u], unseen.topk(5).values)
+
+
+def test_recommenders_normalise_raw_rows_and_mask_what_the_user_saw(tmp_path):
+    # A model trained on standardised rows: recommend and the ONNX part take raw rows, mask
+    # raw x > 0 and give the model normalised inputs. Item 0 is in every history (mean 1,
+    # std 1: normalised to 0) and must never come back.
+    from aecore.autoencoder import AutoEncoder
+    from aecore.normalization import Normalization
+
+    torch.manual_seed(0)
+    rows = _random_rows(50, 12, seed=3)
+    rows[:, 0] = 1.0
+    mean, std = rows.mean(0), rows.std(0) + 1.0
+    model = AutoEncoder(12, hidden_dims=(8,), latent_dim=3).eval()
+    model.normalization = Normalization(mean=mean.tolist(), std=std.tolist())
+    items, scores = recommend(model, rows, k=3)
+    with torch.no_grad():
+        want = model(torch.from_numpy((rows - mean) / std).float())
+    torch.testing.assert_close(item_scores(model, rows), want)
+    assert not (rows[np.arange(50)[:, None], items.numpy()] > 0).any()
+    runtime = Model(to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=3))
+    assert runtime.metadata["normalization"] is None  # the graph normalises
+    out = runtime.run_all(rows)
+    np.testing.assert_array_equal(out["items"], items.numpy())
+    np.testing.assert_allclose(out["scores"], scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_recommender_reports_the_error_of_its_scores(tmp_path):
+    from aecore.export import quantize
+
+    torch.manual_seed(0)
+    model = VAE(40, hidden_dims=(16,), latent_dim=4, activation="tanh",
+                likelihood="multinomial").eval()
+    src = to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=5)
+    rows = (np.random.default_rng(0).random((64, 40)) < 0.2).astype(np.float32)
+    report = quantize(src, tmp_path / "rec-int8.onnx", mode="dynamic", inputs=rows)
+    want = Model(src).run_all(rows)["scores"]
+    got = Model(tmp_path / "rec-int8.onnx").run_all(rows)["scores"]
+    assert np.isfinite(want).all()
+    assert report["max_abs_error"] == pytest.approx(float(np.abs(got - want).max()), rel=1e-6)
+    # By default the report runs 0/1 rows too (random [0, 1) inputs would mark every item
+    # seen and leave nothing but -inf scores to compare).
+    default = quantize(src, tmp_path / "rec-int8.onnx", mode="dynamic")
+    assert 0 < default["max_abs_error"] < 1
 
 
 def test_movielens_loader_reads_grouplens_files_and_rejects_others(tmp_path):

@@ -58,6 +58,48 @@ def test_l2_is_exact_for_codes_far_from_the_origin():
     np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-5)
 
 
+def test_l2_is_exact_for_tight_clusters_far_from_the_gallery_mean():
+    # Two clusters 1000 apart, each of spread 1e-2: the centred expanded form's rounding
+    # (~1e-7 of 250000) is far above the squared distances inside a cluster (~1e-3), so the
+    # whole band of candidates within the bound must be re-ranked from differences.
+    g = torch.Generator().manual_seed(2)
+    centres = torch.zeros(2, 16)
+    centres[1, 0] = 1000.0
+    gallery = centres.repeat_interleave(300, 0) + 1e-2 * torch.randn(600, 16, generator=g)
+    queries = centres.repeat(4, 1) + 1e-2 * torch.randn(8, 16, generator=g)
+    dist, idx = LatentIndex(gallery, "l2").search(queries, 10)
+    want_d, want_i = _oracle(gallery.numpy(), queries.numpy(), 10, "l2")
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-5)
+
+
+def test_cosine_orders_near_duplicates():
+    # Codes 1e-5 to 2e-3 radians from the query: 1 - cos in float32 rounds all of them to 0;
+    # |u_q - u_g|^2 / 2 keeps them apart and in order.
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(32)
+    base /= np.linalg.norm(base)
+    perp = rng.standard_normal((200, 32))
+    perp -= np.outer(perp @ base, base)
+    perp /= np.linalg.norm(perp, axis=1, keepdims=True)
+    angle = np.linspace(2e-3, 1e-5, 200)  # code i is angle[i] from the query: 199 nearest
+    gallery = 3.0 * (np.cos(angle)[:, None] * base + np.sin(angle)[:, None] * perp)
+    dist, idx = LatentIndex(gallery.astype(np.float32), "cosine").search(
+        base[None].astype(np.float32), 5)
+    np.testing.assert_array_equal(idx.numpy(), [[199, 198, 197, 196, 195]])
+    np.testing.assert_allclose(dist.numpy()[0], 1 - np.cos(angle[[199, 198, 197, 196, 195]]),
+                               rtol=1e-2)
+
+
+def test_index_keeps_its_own_copy_of_the_codes():
+    gallery = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    index = LatentIndex(gallery, "l2")
+    gallery *= 0.0  # the caller reuses its array
+    dist, idx = index.search(index.codes[:3], 1)
+    np.testing.assert_array_equal(idx.numpy()[:, 0], [0, 1, 2])
+    assert float(dist.max()) == 0.0
+
+
 @pytest.mark.parametrize("metric", S.METRICS)
 def test_search_in_chunks_gives_the_same_result(metric, monkeypatch):
     g = torch.Generator().manual_seed(1)
@@ -86,6 +128,9 @@ def test_cosine_zero_code_and_empty_queries():
     (torch.zeros(4), ValueError, r"codes must be 2-D \(N, code_dim\)"),
     (torch.zeros(4, 2, dtype=torch.int64), TypeError, "codes must be floating point"),
     (torch.tensor([[0.0, float("nan")]]), ValueError, "codes contains NaN or Inf"),
+    (torch.tensor([[1e39, 0.0]], dtype=torch.float64), ValueError, "beyond float32's range"),
+    (torch.tensor([[3e19, 0.0]]), ValueError, "too large to compare in float32"),
+    (torch.zeros(3, 0), ValueError, "code_dim >= 1"),
     ([[0.0, 1.0]], TypeError, "codes must be a torch.Tensor or numpy array, got list"),
 ])
 def test_index_rejects_bad_codes(codes, err, match):
