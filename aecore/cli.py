@@ -99,7 +99,9 @@ def _cmd_train(args) -> int:
 
         # PSNR of the corrupted held-out inputs and of the model's output, against the clean ones.
         test.update(denoise_report(model, torch.from_numpy(x_test), corruption,
-                                   torch.Generator().manual_seed(args.seed)))
+                                   torch.Generator().manual_seed(args.seed),
+                                   labels=torch.from_numpy(data.labels("test")) if labelled
+                                   else None))
     save_model(model, out, history,
                extra={"data": args.data, "data_root": args.data_root, "seed": args.seed,
                       "model": args.model, "corruption": spec, "test": test})
@@ -146,7 +148,7 @@ def _cmd_infer(args) -> int:
 def _cmd_denoise(args) -> int:
     from aecore.corruption import denoise_file
 
-    denoise_file(args.model_dir, args.input, args.out)
+    denoise_file(args.model_dir, args.input, args.out, labels_npy=args.labels)
     print(f"wrote {args.out}")
     return 0
 
@@ -246,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("model_dir")
     d.add_argument("input")
     d.add_argument("--out", default="denoised.npy")
+    d.add_argument("--labels", default=None, help=".npy of int class ids (conditional models)")
     d.set_defaults(fn=_cmd_denoise)
 
     f = sub.add_parser("search", help="find the gallery samples nearest to each query by "

@@ -149,7 +149,8 @@ class ContractiveAutoEncoder(PenalizedAutoEncoder):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        target = x if target is None else target
+        self.check_input(x)
+        target = self.check_target(x, target)
         mse = (self(x) - target).pow(2).mean()
         penalty = contractive(self.encoder, x).mean()
         return {"loss": mse + self.lam * penalty, "mse": mse, "contractive": penalty}

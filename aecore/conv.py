@@ -186,12 +186,6 @@ class ConvAutoEncoder(AutoEncoderBase):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss", "mse"}: mean squared error of the reconstruction of x against target."""
-        if target is None:
-            target = x
-        else:
-            self.check_input(target, "target")
-            if target.shape != x.shape:
-                raise ValueError(f"target must have the shape of x {tuple(x.shape)}, "
-                                 f"got {tuple(target.shape)}")
+        target = self.check_target(x, target)
         mse = (self(x) - target).pow(2).mean()
         return {"loss": mse, "mse": mse}

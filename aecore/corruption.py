@@ -178,15 +178,21 @@ def psnr(clean, other, data_range: float = 1.0) -> PSNR:
 
 
 @torch.no_grad()
-def _run(model, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def _run(model, x: torch.Tensor, labels: torch.Tensor | None = None,
+         batch_size: int = 512) -> torch.Tensor:
+    """model(x) in batches (with labels (B,) for a conditional model), on the CPU."""
     device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).cpu()
+    extra = (lambda i: ()) if labels is None else (
+        lambda i: (labels[i:i + batch_size].to(device),))
+    return torch.cat([model(x[i:i + batch_size].to(device), *extra(i)).cpu()
                       for i in range(0, len(x), batch_size)])
 
 
 def denoise_report(model, clean: torch.Tensor, corruption: Corruption,
-                   generator: torch.Generator, data_range: float = 1.0) -> dict[str, float]:
-    """Corrupt ``clean`` (B, *input_shape), denoise it with ``model``, compare both with clean.
+                   generator: torch.Generator, data_range: float = 1.0,
+                   labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Corrupt ``clean`` (B, *input_shape), denoise it with ``model`` (given ``labels`` (B,)
+    for a conditional model), compare both with clean.
 
     Returns ``{"psnr_noisy", "psnr_denoised", "psnr_gain"}`` (mean dB over the batch).
     """
@@ -194,7 +200,7 @@ def denoise_report(model, clean: torch.Tensor, corruption: Corruption,
     model.eval()
     try:
         noisy = corruption(clean, generator)
-        denoised = _run(model, noisy)
+        denoised = _run(model, noisy, labels)
     finally:
         model.train(was_training)
     before = psnr(clean, noisy, data_range).mean
@@ -203,22 +209,37 @@ def denoise_report(model, clean: torch.Tensor, corruption: Corruption,
 
 
 def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
-                 out_npy: str | os.PathLike) -> np.ndarray:
+                 out_npy: str | os.PathLike, labels_npy: str | os.PathLike | None = None
+                 ) -> np.ndarray:
     """Denoise the raw batch in ``input_npy`` with the model saved in ``model_dir``.
 
     The input is (N, *sample) or one sample, in raw units; samples may be flat or shaped, as
     long as their size matches the model's input. It is normalised with the model's
     normalization, reconstructed, mapped back to raw units and written (float32, the input's
-    shape) to ``out_npy`` atomically. Returns the written array.
+    shape) to ``out_npy`` atomically. A conditional model also takes ``labels_npy``, a .npy of
+    int class ids (one per sample). Returns the written array.
     """
     from aecore.io import atomic_write, check_output, load_model, load_npy, model_inputs
 
-    out_npy = check_output(out_npy, ".npy", (input_npy,))
+    out_npy = check_output(out_npy, ".npy", (input_npy, labels_npy))
     model = load_model(model_dir)
+    conditional = bool(getattr(model, "num_classes", 0))
+    if conditional and labels_npy is None:
+        raise ValueError("the model is conditional: pass --labels FILE.npy (int class ids, "
+                         "one per sample)")
+    if labels_npy is not None and not conditional:
+        raise ValueError("--labels is for conditional models; this one takes no labels")
     raw = load_npy(input_npy, "input")
     x = model_inputs(model, raw, "input_npy")
+    labels = None
+    if conditional:
+        labels = np.atleast_1d(load_npy(labels_npy, "--labels"))
+        if labels.dtype.kind not in "iu" or labels.shape != (len(x),):
+            raise ValueError(f"--labels must hold {len(x)} integer class ids (one per sample), "
+                             f"got dtype {labels.dtype} and shape {labels.shape}")
+        labels = torch.from_numpy(labels.astype(np.int64))
     norm = model.normalization
-    out = _run(model, torch.from_numpy(x)).numpy()
+    out = _run(model, torch.from_numpy(x), labels).numpy()
     out = norm.invert(out) if norm is not None else out
     out = np.ascontiguousarray(out.reshape(raw.shape), dtype=np.float32)
 

@@ -244,8 +244,8 @@ class VQVAE(AutoEncoderBase):
         """
         if y is not None:
             raise ValueError("y must be None: the VQ-VAE is unconditional")
-        target = x if target is None else target
-        self.check_input(target, "target")
+        self.check_input(x)
+        target = self.check_target(x, target)
         z_e = self.encode(x)
         flat, idx = self._assign(z_e)
         e = self.codebook[idx].to(flat.dtype)

@@ -109,13 +109,20 @@ def test_check_input_messages():
         ae.check_input(torch.zeros(2, 4, dtype=torch.int64))
 
 
-def test_loss_rejects_targets_of_another_shape():
-    model = AutoEncoder(4, hidden_dims=(3,), latent_dim=2)
+@pytest.mark.parametrize("make", [
+    lambda: AutoEncoder(4, hidden_dims=(3,), latent_dim=2),
+    lambda: aecore.ContractiveAutoEncoder(4, hidden_dims=(3,), latent_dim=2),
+    lambda: aecore.VQVAE(4, hidden_dims=(3,), num_latents=1, code_dim=2, num_codes=4),
+], ids=["ae", "cae", "vq-vae"])
+def test_loss_rejects_targets_of_another_shape(make):
+    model = make()
     x = torch.rand(2, 4)
     # (1, 4) would broadcast silently; (3, 4) failed deep inside the subtraction.
-    for bad in (torch.rand(1, 4), torch.rand(3, 4)):
-        with pytest.raises(ValueError, match="target must have the shape of x"):
+    for bad in (torch.rand(1, 4), torch.rand(3, 4), torch.rand(2, 4, 1)):
+        with pytest.raises(ValueError, match="target must have"):
             model.loss(x, target=bad)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 4\)"):
+        model.loss(torch.rand(2, 5))
 
 
 def test_tied_decoder_checks_activations_when_built():

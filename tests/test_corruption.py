@@ -270,3 +270,37 @@ def test_denoise_file_rejects_empty_and_nonfinite_inputs(tmp_path, raw, match):
     with pytest.raises(ValueError, match=match):
         denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out.npy")
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_conditional_models_denoise_with_their_labels(tmp_path, capsys):
+    from aecore.cli import main
+    from aecore.vae import ConditionalVAE
+
+    # Training with --corruption reports PSNR on the test split, which a conditional model
+    # reconstructs only given the test labels.
+    assert main(["train", "--model", "cvae", "--data", "digits", "--limit", "64", "--epochs",
+                 "1", "--batch-size", "32", "--corruption", "gaussian:0.1", "--quiet",
+                 "--out", str(tmp_path / "cvae")]) == 0
+    assert "psnr_gain=" in capsys.readouterr().out
+    torch.manual_seed(0)
+    model = ConditionalVAE(3, 64, hidden_dims=(8,), latent_dim=2).eval()
+    save_model(model, tmp_path / "model")
+    raw = np.random.default_rng(0).random((5, 64)).astype(np.float32)
+    labels = np.array([0, 1, 2, 1, 0])
+    np.save(tmp_path / "in.npy", raw)
+    np.save(tmp_path / "labels.npy", labels)
+    out = denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out.npy",
+                       labels_npy=tmp_path / "labels.npy")
+    with torch.no_grad():
+        want = model(torch.from_numpy(raw), torch.from_numpy(labels)).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="the model is conditional: pass --labels"):
+        denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out2.npy")
+    np.save(tmp_path / "few.npy", labels[:3])
+    with pytest.raises(ValueError, match="--labels must hold 5 integer class ids"):
+        denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out2.npy",
+                     labels_npy=tmp_path / "few.npy")
+    save_model(AutoEncoder(64, hidden_dims=(8,), latent_dim=2), tmp_path / "plain")
+    with pytest.raises(ValueError, match="--labels is for conditional models"):
+        denoise_file(tmp_path / "plain", tmp_path / "in.npy", tmp_path / "out2.npy",
+                     labels_npy=tmp_path / "labels.npy")
