@@ -104,7 +104,8 @@ def _cmd_train(args) -> int:
                                    else None))
     save_model(model, out, history,
                extra={"data": args.data, "data_root": args.data_root, "seed": args.seed,
-                      "model": args.model, "corruption": spec, "test": test})
+                      "model": args.model, "corruption": spec, "test": test,
+                      "sample_shape": list(data.sample_shape)})
     plot_history(history, out / "loss.png")
     if model.latent_dim == 2 and not data.is_image:
         from aecore.plots import plot_latent_2d
@@ -121,11 +122,15 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from aecore.io import load_model
+    from aecore.io import check_output, load_model, read_config
     from aecore.vae import sample_grid
 
+    check_output(args.out, ".png")
     model = load_model(args.model_dir)
-    sample_grid(model, args.n, args.out, label=args.label, seed=args.seed)
+    # A flat model of images draws them in the shape of its training data's samples.
+    shape = read_config(args.model_dir).get("sample_shape")
+    shape = shape if isinstance(shape, list) and len(shape) == 3 else None
+    sample_grid(model, args.n, args.out, label=args.label, seed=args.seed, image_shape=shape)
     print(f"wrote {args.out}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -22,12 +23,18 @@ def _save(fig, path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def _as_hwc(img: np.ndarray) -> np.ndarray:
+def _check_png(path: str | os.PathLike) -> None:
+    # Figures are written as PNG: any other suffix would name the bytes wrongly.
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"path must be a .png file path, got {str(path)!r}")
+
+
+def _as_hw_or_hwc(img: np.ndarray) -> np.ndarray:
+    """One image (H, W) or (C, H, W) -> (H, W) grey or (H, W, 3) colour; channel counts
+    other than 1 and 3 are shown as their mean, in grey."""
     img = np.asarray(img, dtype=np.float32)
-    if img.ndim == 3 and img.shape[0] in (1, 3):  # (C, H, W) -> (H, W, C)
-        img = np.moveaxis(img, 0, -1)
-    if img.ndim == 3 and img.shape[-1] == 1:
-        img = img[..., 0]
+    if img.ndim == 3:
+        img = np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img.mean(axis=0)
     return np.clip(img, 0.0, 1.0)
 
 
@@ -36,7 +43,9 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
                     ) -> None:
     """Write images (N, H, W) or (N, C, H, W), floats in [0, 1], as a PNG grid of ``nrow`` columns.
 
-    ``row_labels`` names each row (e.g. "original", "reconstruction")."""
+    ``row_labels`` names each row (e.g. "original", "reconstruction"). Images of other than 1
+    or 3 channels are drawn as their channel mean."""
+    _check_png(path)
     images = np.asarray(images)
     if images.ndim not in (3, 4) or len(images) == 0:
         raise ValueError(f"images must be (N, H, W) or (N, C, H, W), N >= 1; got {images.shape}")
@@ -52,7 +61,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
         for spine in ax.spines.values():
             spine.set_visible(False)
         if i < n:
-            ax.imshow(_as_hwc(images[i]), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.imshow(_as_hw_or_hwc(images[i]), cmap="gray", vmin=0.0, vmax=1.0)
             if titles is not None and i < len(titles):
                 ax.set_title(titles[i], fontsize=7)
     if row_labels is not None:
@@ -63,6 +72,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
     """Loss curves (train_loss, val_loss and any other per-epoch terms) against epoch."""
+    _check_png(path)
     if not history:
         raise ValueError("history is empty: nothing to plot")
     epochs = [h["epoch"] for h in history]
@@ -85,6 +95,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
 def plot_latent_2d(z: np.ndarray, path: str | os.PathLike, color: np.ndarray | None = None,
                    title: str = "latent space") -> None:
     """Scatter of 2-D codes z (N, 2), coloured by ``color`` (labels or a continuous value)."""
+    _check_png(path)
     z = np.asarray(z)
     if z.ndim != 2 or z.shape[1] != 2:
         raise ValueError(f"z must have shape (N, 2) to plot a 2-D latent space, got {z.shape}")

@@ -384,30 +384,38 @@ class ConditionalVAE(VAE):
         return {"num_classes": self.num_classes, **super().config()}
 
 
-def _image_shape(model: VAE) -> tuple[int, ...]:
+def _image_shape(model: VAE, image_shape: Sequence[int] | None) -> tuple[int, ...]:
     if len(model.input_shape) == 3:
-        return model.input_shape
-    side = math.isqrt(model.input_shape[0])
-    if side * side != model.input_shape[0]:
+        return tuple(model.input_shape)
+    size = model.input_shape[0]
+    if image_shape is not None:
+        shape = tuple(int(v) for v in image_shape)
+        if len(shape) not in (2, 3) or math.prod(shape) != size:
+            raise ValueError(f"image_shape must be (H, W) or (C, H, W) of {size} values (the "
+                             f"model's input), got {tuple(image_shape)}")
+        return shape
+    side = math.isqrt(size)
+    if side * side != size:
         raise ValueError(f"model must produce images: input_shape {model.input_shape} is "
-                         "neither (C, H, W) nor a square number of pixels")
+                         "neither (C, H, W) nor a square number of pixels; pass image_shape")
     return (side, side)
 
 
 def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None = None,
-                seed: int = 0) -> np.ndarray:
+                seed: int = 0, image_shape: Sequence[int] | None = None) -> np.ndarray:
     """Draw ``n`` samples from the prior and write them as a PNG grid at ``path``.
 
     For a conditional model, ``label`` fixes the class of every sample; without it each row of
-    the grid (8 wide) is one class, row r class r % num_classes. Flat models must have a
-    square number of pixels. Returns the images, (n, H, W) or (n, C, H, W), in [0, 1].
+    the grid (8 wide) is one class, row r class r % num_classes. A flat model's samples are
+    drawn as ``image_shape`` ((H, W) or (C, H, W)), by default square. Returns the images,
+    (n, H, W) or (n, C, H, W), in [0, 1].
     """
     from aecore.plots import save_image_grid
 
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
     n = _positive_int("n", n)
-    shape = _image_shape(model)
+    shape = _image_shape(model, image_shape)
     nrow = 8  # the grid's width
     labels = None
     if model.num_classes:

@@ -146,9 +146,27 @@ def test_tied_must_be_a_bool(tied):
         AutoEncoder(4, (3,), 2, tied=tied)
 
 
-def test_image_grid_rejects_nonpositive_nrow(tmp_path):
+def test_image_grid_rejects_nonpositive_nrow_and_other_formats(tmp_path):
     from aecore.plots import save_image_grid
 
     with pytest.raises(ValueError, match="nrow must be a positive int"):
         save_image_grid(torch.rand(3, 5, 7).numpy(), tmp_path / "g.png", nrow=0)
     assert not (tmp_path / "g.png").exists()
+    with pytest.raises(ValueError, match=r"path must be a .png file path"):
+        save_image_grid(torch.rand(3, 5, 7).numpy(), tmp_path / "g.jpg")
+
+
+def test_image_grid_draws_channels_first_images(tmp_path, monkeypatch):
+    import aecore.plots as plots
+
+    shown = []
+    real = plots.plt.Axes.imshow
+    monkeypatch.setattr(plots.plt.Axes, "imshow",
+                        lambda ax, img, **kw: (shown.append(img), real(ax, img, **kw))[1])
+    images = torch.rand(3, 4, 5, 7, generator=torch.Generator().manual_seed(0)).numpy()
+    for c, want in ((1, (5, 7)), (3, (5, 7, 3)), (2, (5, 7)), (4, (5, 7))):
+        shown.clear()
+        plots.save_image_grid(images[:, :c], tmp_path / f"g{c}.png")
+        assert [s.shape for s in shown] == [want] * 3
+    # 4 channels: their mean
+    torch.testing.assert_close(torch.as_tensor(shown[0]), torch.as_tensor(images[0].mean(0)))

@@ -311,6 +311,33 @@ def test_sample_grid_writes_png(trained, tmp_path):
         sample_grid(VAE(10, [8], 2), 4, tmp_path / "f.png")
 
 
+def test_flat_models_sample_in_their_training_images_shape(tmp_path, capsys):
+    from aecore.cli import main
+
+    # 4 x 16 images: 64 pixels, which a square guess would draw as 8 x 8.
+    images = np.random.default_rng(0).random((40, 4, 16)).astype(np.float32)
+    np.save(tmp_path / "wide.npy", images)
+    assert main(["train", "--model", "vae", "--data", str(tmp_path / "wide.npy"), "--epochs",
+                 "1", "--quiet", "--out", str(tmp_path / "m")]) == 0
+    model = load_model(tmp_path / "m")
+    assert model.input_shape == (64,)
+    drawn = {}
+    import aecore.vae
+
+    real = aecore.vae.sample_grid
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aecore.vae, "sample_grid", lambda *a, **k: drawn.setdefault(
+            "imgs", real(*a, **k)))
+        assert main(["sample", str(tmp_path / "m"), "--n", "4", "--out",
+                     str(tmp_path / "s.png")]) == 0
+    assert drawn["imgs"].shape == (4, 1, 4, 16)
+    with pytest.raises(ValueError, match=r"image_shape must be \(H, W\) or \(C, H, W\) of 64"):
+        aecore.vae.sample_grid(model, 4, tmp_path / "t.png", image_shape=(5, 16))
+    assert main(["sample", str(tmp_path / "m"), "--out", str(tmp_path / "s.jpg")]) == 2
+    assert "--out must be a .png file path" in capsys.readouterr().err
+    assert not (tmp_path / "s.jpg").exists()
+
+
 def test_sample_grid_rows_are_classes(tmp_path, monkeypatch):
     # Without a label, row r of the 8-wide grid is class r % num_classes.
     cvae = ConditionalVAE(2, 64, [8], 2)
