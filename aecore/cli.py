@@ -32,6 +32,7 @@ def _cmd_train(args) -> int:
         USES_LABELS,
         Sizes,
         build,
+        check_flags,
         check_sizes,
         default_corruption,
         default_epochs,
@@ -47,10 +48,13 @@ def _cmd_train(args) -> int:
                         ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
     check_output_dir(Path(args.out) / "checkpoints", "--out")
     sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
                   channels=args.channels, weight=args.weight)
     check_sizes(sizes)
+    check_flags(args.model, sizes)
     rank, _ = init_distributed()
     torch.manual_seed(args.seed)
     data = datasets.load(args.data, root=args.data_root, seed=args.seed)

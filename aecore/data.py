@@ -77,8 +77,11 @@ class Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzipped IDX file (the MNIST format): magic, dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or cut short
+        raise ValueError(f"{path} is not a readable gzip file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
@@ -116,6 +119,11 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> Dataset:
     for split, (img, lab) in FASHION_MNIST_FILES.items():
         x = _read_idx(folder / img)
         y = _read_idx(folder / lab).astype(np.int64)
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise ValueError(f"{folder / img} must hold 28x28 images (N, 28, 28), got shape "
+                             f"{x.shape}")
+        if y.ndim != 1 or (y.size and int(y.max()) > 9):
+            raise ValueError(f"{folder / lab} must hold class ids 0-9 (N,), got shape {y.shape}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{folder}: {img} and {lab} hold different sample counts")
         arrays[split] = (x[:, None, :, :], y)

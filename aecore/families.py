@@ -23,6 +23,12 @@ class Sizes:
     weight: float | None = None  # the family's penalty weight (lam, beta, sparsity weight)
 
 
+# Families without a penalty or prior weight for --weight to set.
+UNWEIGHTED = {"ae", "tied-ae", "dae", "conv-ae"}
+# Values per vq-vae code vector: latent size L is L / VQ_CODE_DIM vectors.
+VQ_CODE_DIM = 8
+
+
 def default_hidden(data: Dataset) -> list[int]:
     if data.interactions:  # Liang et al.'s I-600-200 recommender
         return [600]
@@ -71,6 +77,23 @@ def check_sizes(s: Sizes) -> None:
                              f"got {sizes!r}")
 
 
+def check_flags(name: str, s: Sizes) -> None:
+    """Reject the CLI's size options that family ``name`` has no use for: the shared
+    :class:`Sizes` of an API call may carry them, but a flag the user typed would be ignored
+    without a word (or, for vq-vae's latent size, rounded)."""
+    if s.weight is not None and name in UNWEIGHTED:
+        raise ValueError(f"--weight is for families with a penalty or prior weight; {name!r} "
+                         "has none")
+    if s.hidden is not None and name in IMAGE_INPUT:
+        raise ValueError(f"--hidden is for MLP families; {name!r} is sized by --channels")
+    if s.channels is not None and name not in IMAGE_INPUT:
+        raise ValueError(f"--channels is for convolutional families; {name!r} is sized by "
+                         "--hidden")
+    if name == "vq-vae" and s.latent is not None and s.latent % VQ_CODE_DIM:
+        raise ValueError(f"--latent must be a multiple of {VQ_CODE_DIM} for vq-vae (its code is "
+                         f"latent / {VQ_CODE_DIM} vectors of {VQ_CODE_DIM} values), got {s.latent}")
+
+
 def _mlp_kwargs(data: Dataset, s: Sizes) -> dict:
     return {"input_dim": data.input_dim, "hidden_dims": s.hidden or default_hidden(data),
             "latent_dim": s.latent or default_latent(data),
@@ -116,11 +139,13 @@ def _cae(data: Dataset, s: Sizes):
 def _vq_vae(data: Dataset, s: Sizes):
     from aecore.vqvae import VQVAE
 
-    # The code is num_latents vectors of 8 dims, each replaced by one of 128 codebook entries
-    # (7 bits each): latent size L gives L / 8 vectors.
+    # The code is num_latents vectors of CODE_DIM values, each replaced by one of 128 codebook
+    # entries (7 bits each): latent size L gives L / CODE_DIM vectors (the default rounded up).
     latent = s.latent or default_latent(data)
-    return VQVAE(data.input_dim, s.hidden or default_hidden(data), num_latents=max(latent // 8, 1),
-                 code_dim=8, num_codes=128, activation=s.activation or default_activation(data),
+    return VQVAE(data.input_dim, s.hidden or default_hidden(data),
+                 num_latents=-(-latent // VQ_CODE_DIM),
+                 code_dim=VQ_CODE_DIM, num_codes=128,
+                 activation=s.activation or default_activation(data),
                  ema=True, dead_after=100,
                  **({} if s.weight is None else {"beta": s.weight}))
 

@@ -59,6 +59,8 @@ def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
     device = device or next(model.parameters()).device
     x = _as_tensor(x, "x", _param_dtype(model))
     y = _as_tensor(y, "y")
+    if len(x) == 0:
+        raise ValueError("x holds no samples: nothing to evaluate")
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
@@ -92,10 +94,9 @@ class Trainer:
                  checkpoint_dir: str | os.PathLike | None = None):
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be a positive number, got {lr}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        for name, value, low in (("batch_size", batch_size, 1), ("epochs", epochs, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if patience is not None and patience < 1:
@@ -190,6 +191,7 @@ class Trainer:
         shuffle = torch.Generator().manual_seed(self.seed + 1)
         noise = torch.Generator(device=self.device).manual_seed(self.seed + 2)
         start, best, bad_epochs, best_state = 1, math.inf, 0, None
+        self.history = []  # this run's (a resumed run's own from its checkpoint)
         last_good = None  # the newest checkpoint of this run known to hold finite weights
 
         if self.world > 1:
@@ -297,4 +299,4 @@ class Trainer:
         if best_state is not None:
             self.model.load_state_dict(best_state)
         self.model.eval()
-        return self.history
+        return list(self.history)

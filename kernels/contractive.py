@@ -648,6 +648,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_fn(ctx, grads):
     L, n_b, has_bias, act_ids, slope, order, use_triton = ctx.args
+    if grads[0] is None:  # no gradient reached P (set_materialize_grads(False)): none flows on
+        return None, [None] * L, [None] * n_b, None, None, None, None, None, None
     tensors = ctx.saved_tensors
     x, weights = tensors[0], list(tensors[1:1 + L])
     biases = list(tensors[1 + L:1 + L + n_b])

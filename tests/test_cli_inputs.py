@@ -20,6 +20,19 @@ def _train(tmp_path, **flags) -> list[str]:
     return ["train", "--quiet", *[t for k, v in opts.items() if v is not None for t in (k, v)]]
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"--seed": "-1"}, "--seed must be a non-negative integer, got -1"),
+    ({"--weight": "0.5"}, "--weight is for families with a penalty or prior weight; 'ae'"),
+    ({"--channels": "8"}, "--channels is for convolutional families; 'ae' is sized by --hidden"),
+    ({"--model": "conv-ae", "--hidden": "8"}, "--hidden is for MLP families; 'conv-ae'"),
+    ({"--model": "vq-vae", "--latent": "12"}, "--latent must be a multiple of 8 for vq-vae"),
+])
+def test_train_rejects_flags_the_family_would_ignore(tmp_path, capsys, flags, message):
+    assert main(_train(tmp_path, **flags)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch-size", "0", "--batch-size must be a positive integer, got 0"),
     ("--epochs", "0", "--epochs must be a positive integer, got 0"),

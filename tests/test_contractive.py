@@ -667,3 +667,18 @@ def test_tanh_second_derivative_is_accurate_in_relative_terms():
     z64 = z.double()
     want = -2 * torch.tanh(z64) / torch.cosh(z64) ** 2
     torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=0)
+
+
+def test_penalty_passes_gradcheck_through_the_op():
+    # torch's numerical check of the op's backward in float64, on x and every parameter.
+    torch.manual_seed(0)
+    enc = Encoder(4, [5], 2, "tanh", "sigmoid").double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [p for layer in enc.layers for p in (layer.weight, layer.bias)]
+
+    def penalty(x, *p):
+        ws, bs = list(p[0::2]), list(p[1::2])
+        return contractive_penalty(x, ws, bs, ["tanh", "sigmoid"]).sum()
+
+    # check_undefined_grad: a backward called without a gradient for P returns none.
+    assert torch.autograd.gradcheck(penalty, (x, *params))

@@ -36,6 +36,31 @@ def test_fashion_mnist_truncated_file_is_an_error(tmp_path):
         data._read_idx(tmp_path / "train-images-idx3-ubyte.gz")
 
 
+@pytest.mark.parametrize("damage,match", [
+    ("cut gzip", "is not a readable gzip file"),
+    ("labels as images", r"must hold 28x28 images \(N, 28, 28\), got shape \(7,\)"),
+    ("14x14 images", r"must hold 28x28 images \(N, 28, 28\), got shape \(7, 14, 14\)"),
+    ("class 12", "must hold class ids 0-9"),
+])
+def test_fashion_mnist_files_of_the_wrong_kind(tmp_path, damage, match):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 7), ("t10k", 3)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    if damage == "cut gzip":
+        images.write_bytes(images.read_bytes()[:-20])
+    elif damage == "labels as images":
+        images.write_bytes(labels.read_bytes())
+    elif damage == "14x14 images":
+        _write_idx(images, rng.integers(0, 256, (7, 14, 14)))
+    else:
+        _write_idx(labels, np.full(7, 12))
+    with pytest.raises(ValueError, match=match):
+        data.load_fashion_mnist(tmp_path)
+
+
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.load_fashion_mnist(tmp_path)

@@ -35,6 +35,25 @@ def test_training_lowers_the_loss_and_records_history(digits):
     assert hist[-1]["val_loss"] < hist[0]["val_loss"]
 
 
+def test_a_second_fit_returns_its_own_history(digits):
+    trainer = Trainer(_model(), epochs=2, progress=False)
+    first = trainer.fit(digits[:200])
+    second = trainer.fit(digits[:200])  # trains on from the first run's weights
+    assert [h["epoch"] for h in first] == [h["epoch"] for h in second] == [1, 2]
+    assert second[0]["train_loss"] < first[0]["train_loss"]
+    assert first is not second
+
+
+def test_bad_trainer_and_evaluate_arguments():
+    from aecore.train import evaluate
+
+    for kw in ({"batch_size": 2.5}, {"batch_size": 0}, {"epochs": -1}, {"epochs": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int"):
+            Trainer(_model(), progress=False, **kw)
+    with pytest.raises(ValueError, match="x holds no samples"):
+        evaluate(_model(), np.zeros((0, 64), np.float32))
+
+
 def test_same_seed_same_run(digits):
     a = Trainer(_model(), epochs=2, progress=False, seed=3).fit(digits)
     b = Trainer(_model(), epochs=2, progress=False, seed=3).fit(digits)
