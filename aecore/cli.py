@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing, unwritable, not a dir
         print(f"aecore {args.command}: error: {e}", file=sys.stderr)
         return 2
 

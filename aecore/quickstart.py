@@ -43,7 +43,8 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     out = Path(out)
     check_output_dir(out / "model", "--out")  # before training, not after
     torch.manual_seed(seed)
-    if datasets.find_fashion_mnist(data_root) is not None:
+    if data_root is not None or datasets.find_fashion_mnist() is not None:
+        # A folder the user named must hold the data: no quiet fallback from it.
         data = datasets.load_fashion_mnist(data_root)
         epochs = 15 if epochs is None else epochs
     else:

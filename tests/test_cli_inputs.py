@@ -107,10 +107,12 @@ def test_load_model_reads_folders_saved_before_config_named_the_weights(tmp_path
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Trainer moves the "
                     "model there, and evaluation must move its inputs along")
-def test_quickstart_and_train_evaluate_on_cuda(tmp_path):
+def test_quickstart_and_train_evaluate_on_cuda(tmp_path, monkeypatch):
+    from aecore import data
     from aecore.quickstart import run
 
-    run(out=tmp_path / "qs", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
+    monkeypatch.setattr(data, "find_fashion_mnist", lambda root=None: None)  # digits: fast
+    run(out=tmp_path / "qs", epochs=1, progress=False)
     # A 2-D code on tabular data: the latent plot encodes the test set on the model's device.
     assert main(["train", "--quiet", "--model", "ae", "--data", "swiss-roll", "--epochs", "1",
                  "--limit", "200", "--out", str(tmp_path / "sr")]) == 0

@@ -67,6 +67,19 @@ def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path)
         os.umask(old)
 
 
+def test_model_weights_and_checkpoints_follow_the_umask(tmp_path):
+    from aecore.autoencoder import AutoEncoder
+    from aecore.io import save_model
+
+    old = os.umask(0o022)
+    try:
+        folder = save_model(AutoEncoder(6, [4], 2), tmp_path / "m")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert modes and set(modes.values()) == {0o644}, modes  # safetensors too, not 0600
+    finally:
+        os.umask(old)
+
+
 def test_quantize_never_overwrites_its_source(saved):
     src = saved / "ae.onnx"
     before = src.read_bytes()
@@ -132,6 +145,13 @@ def test_cli_export_refuses_paths_that_would_destroy_data(saved, tmp_path, capsy
     (tmp_path / "dir.onnx").mkdir()
     assert main(["export", str(saved / "ae"), "--out", str(tmp_path / "dir.onnx")]) == 2
     assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_bytes(b"keep")
+    for argv in (["export", str(saved / "ae")], ["sample", str(saved / "vae")]):
+        out = tmp_path / "file" / "sub" / ("m.onnx" if argv[0] == "export" else "g.png")
+        assert main([*argv, "--out", str(out)]) == 2
+        assert "'" + str(tmp_path / "file") + "' is a file, not a directory" in \
+            capsys.readouterr().err
+    assert (tmp_path / "file").read_bytes() == b"keep"
 
 
 def test_cli_infer_refuses_to_overwrite_its_inputs(saved, tmp_path, capsys):

@@ -1,11 +1,19 @@
+import pytest
+
+from aecore import data
 from aecore.quickstart import run
 
 
-def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys):
-    # An empty data root makes the quickstart fall back to scikit-learn's digits.
-    result = run(out=tmp_path / "qs", epochs=3, data_root=str(tmp_path / "empty"),
-                 progress=False)
+@pytest.fixture
+def no_fashion_mnist(monkeypatch):
+    # Where Fashion-MNIST is not installed, the quickstart falls back to scikit-learn's digits.
+    monkeypatch.setattr(data, "find_fashion_mnist", lambda root=None: None)
+
+
+def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys, no_fashion_mnist):
+    result = run(out=tmp_path / "qs", epochs=3, progress=False)
     printed = capsys.readouterr().out
+    assert "Fashion-MNIST not found" in printed
     assert result["data"] == "digits"
     assert "PCA (" in printed and "autoencoder:" in printed
     assert 0 < result["ae_mse"] < 1 and 0 < result["pca_mse"] < 1
@@ -17,13 +25,17 @@ def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys):
         assert (tmp_path / "qs" / name).is_file(), name
 
 
-def test_quickstart_checks_epochs_and_out_before_training(tmp_path):
-    import pytest
-
+def test_quickstart_checks_epochs_and_out_before_training(tmp_path, no_fashion_mnist):
     (tmp_path / "file").write_text("keep me")
     with pytest.raises(ValueError, match="--out must be a folder path.*is an existing file"):
-        run(out=tmp_path / "file", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
+        run(out=tmp_path / "file", epochs=1, progress=False)
     assert (tmp_path / "file").read_text() == "keep me"
     with pytest.raises(ValueError, match="--epochs must be a positive integer, got 0"):
-        run(out=tmp_path / "qs", epochs=0, data_root=str(tmp_path / "empty"), progress=False)
+        run(out=tmp_path / "qs", epochs=0, progress=False)
     assert not (tmp_path / "qs").exists()
+
+
+def test_quickstart_never_falls_back_from_a_data_root_it_was_given(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found in"):
+        run(out=tmp_path / "qs", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
+    assert not (tmp_path / "qs" / "model").exists()
