@@ -64,6 +64,9 @@ class Dataset:
         return x.reshape(len(x), -1) if flat else x.reshape(len(x), *self.sample_shape)
 
     def labels(self, split: str = "train") -> np.ndarray | None:
+        """Class labels (N,) of ``split``, or None for unlabelled data."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return self.y_train if split == "train" else self.y_test
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:

@@ -250,8 +250,9 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
     if part == "scorer" and threshold is None:
         threshold = getattr(model, "threshold", None)
         if threshold is None:
-            raise ValueError("part='scorer' needs a threshold: pass threshold=... or set "
-                             "model.threshold (e.g. a high quantile of training errors)")
+            raise ValueError("part='scorer' needs a threshold: pass threshold=... (aecore "
+                             "export --threshold T) or set model.threshold (e.g. a high quantile "
+                             "of training errors, a mean squared error on normalised inputs)")
     if threshold is not None:
         # A NaN threshold would export a scorer that never flags anything.
         if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)

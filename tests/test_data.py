@@ -183,3 +183,10 @@ def test_normalization_checks_mean():
     with pytest.raises(ValueError, match="'mean' and 'std'"):
         Normalization.from_dict({"std": 1.0})
     assert Normalization(mean=[0.0, 1.0], std=2.0).apply(np.ones((1, 2))).tolist() == [[0.5, 0]]
+
+
+def test_splits_are_train_or_test():
+    d = data.load_digits()
+    for get in (d.inputs, d.labels):
+        with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
+            get("val")
