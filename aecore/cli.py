@@ -27,6 +27,7 @@ def _cmd_train(args) -> int:
     import torch
 
     from aecore import data as datasets
+    from aecore.checkpoint import latest_checkpoint
     from aecore.families import (
         IMAGE_INPUT,
         USES_LABELS,
@@ -78,6 +79,9 @@ def _cmd_train(args) -> int:
                       corruption=corruption, amp=args.amp, progress=not args.quiet,
                       checkpoint_dir=out / "checkpoints")
     try:
+        if args.resume and latest_checkpoint(out / "checkpoints") is None:
+            print(f"no checkpoint in {out / 'checkpoints'}: training from the start",
+                  file=sys.stderr)
         history = trainer.fit(x, y, resume=args.resume)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -106,8 +110,11 @@ def _cmd_train(args) -> int:
                                    torch.Generator().manual_seed(args.seed),
                                    labels=torch.from_numpy(data.labels("test")) if labelled
                                    else None))
+    # A data file by its absolute path: later commands (search, static quantization) find it
+    # from any working directory.
+    data_ref = args.data if args.data in datasets.NAMES else str(Path(args.data).resolve())
     save_model(model, out, history,
-               extra={"data": args.data, "data_root": args.data_root, "seed": args.seed,
+               extra={"data": data_ref, "data_root": args.data_root, "seed": args.seed,
                       "model": args.model, "corruption": spec, "test": test,
                       "sample_shape": list(data.sample_shape)})
     plot_history(history, out / "loss.png")

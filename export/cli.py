@@ -63,6 +63,11 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     from aecore.export.onnx_export import to_onnx
     from aecore.io import load_model
 
+    # Options this export has no use for would be ignored without a word.
+    if calibration is not None and quantize != "static":
+        raise ValueError("--calibration is for --quantize static")
+    if threshold is not None and part != "scorer":
+        raise ValueError(f"--threshold is for --part scorer, not {part!r}")
     out = check_output(out, ".onnx")
     model = load_model(model_dir)
     if quantize is None:

@@ -3,6 +3,7 @@ crash while being saved over."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,19 @@ def test_train_rejects_bad_numbers_up_front(tmp_path, capsys, flag, value, messa
     assert main(_train(tmp_path, **extra, **{flag: value})) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing trained or written
+
+
+def test_train_records_data_files_by_absolute_path_and_says_when_resume_finds_nothing(
+        tmp_path, capsys, monkeypatch):
+    import json
+
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "--model", "ae", "--data", "rows.npy", "--epochs", "1",
+                 "--out", "run", "--resume"]) == 0
+    assert "no checkpoint in run/checkpoints: training from the start" in capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(tmp_path / "rows.npy")
 
 
 def test_train_out_must_not_be_a_file(tmp_path, capsys):

@@ -154,6 +154,19 @@ def test_cli_export_refuses_paths_that_would_destroy_data(saved, tmp_path, capsy
     assert (tmp_path / "file").read_bytes() == b"keep"
 
 
+def test_cli_export_rejects_options_it_would_ignore(saved, tmp_path, capsys):
+    np.save(tmp_path / "c.npy", np.zeros((4, 64), np.float32))
+    for extra, message in ((["--calibration", str(tmp_path / "c.npy")],
+                            "--calibration is for --quantize static"),
+                           (["--quantize", "dynamic", "--calibration", str(tmp_path / "c.npy")],
+                            "--calibration is for --quantize static"),
+                           (["--threshold", "0.1"], "--threshold is for --part scorer")):
+        assert main(["export", str(saved / "ae"), "--out", str(tmp_path / "m.onnx"),
+                     *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_cli_infer_refuses_to_overwrite_its_inputs(saved, tmp_path, capsys):
     x = tmp_path / "x.npy"
     np.save(x, np.zeros((2, 64), np.float32))
