@@ -182,10 +182,11 @@ def _run(model, x: torch.Tensor, labels: torch.Tensor | None = None,
          batch_size: int = 512) -> torch.Tensor:
     """model(x) in batches (with labels (B,) for a conditional model), on the CPU."""
     device = next(model.parameters()).device
-    extra = (lambda i: ()) if labels is None else (
-        lambda i: (labels[i:i + batch_size].to(device),))
-    return torch.cat([model(x[i:i + batch_size].to(device), *extra(i)).cpu()
-                      for i in range(0, len(x), batch_size)])
+    out = []
+    for i in range(0, len(x), batch_size):
+        extra = () if labels is None else (labels[i:i + batch_size].to(device),)
+        out.append(model(x[i:i + batch_size].to(device), *extra).cpu())
+    return torch.cat(out)
 
 
 def denoise_report(model, clean: torch.Tensor, corruption: Corruption,
