@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -15,9 +16,21 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
+# Seeds reach numpy, torch and scikit-learn; the last takes 32-bit seeds only.
+SEED_MAX = 2**32 - 1
+
+
+def _check_seed(seed: int) -> None:
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if seed > SEED_MAX:
+        raise ValueError(f"--seed must be at most 2**32 - 1 ({SEED_MAX}), got {seed}")
+
+
 def _cmd_quickstart(args) -> int:
     from aecore.quickstart import run
 
+    _check_seed(args.seed)
     run(out=args.out, epochs=args.epochs, seed=args.seed, data_root=args.data_root,
         progress=not args.quiet)
     return 0
@@ -49,8 +62,23 @@ def _cmd_train(args) -> int:
                         ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    _check_seed(args.seed)
+    # The Trainer and the models check these too, but by their argument names (lr, beta, lam).
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.weight is not None and not (math.isfinite(args.weight) and args.weight >= 0):
+        raise ValueError(f"--weight must be a finite number >= 0, got {args.weight}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.patience is not None and args.patience < 1:
+        raise ValueError(f"--patience must be a positive integer, got {args.patience}")
+    if args.corruption is not None:
+        from aecore.corruption import parse_corruption
+
+        try:
+            parse_corruption(args.corruption)
+        except ValueError as e:
+            raise ValueError(f"--corruption: {e}") from None
     check_output_dir(Path(args.out) / "checkpoints", "--out")
     sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
                   channels=args.channels, weight=args.weight)
@@ -61,7 +89,20 @@ def _cmd_train(args) -> int:
     data = datasets.load(args.data, root=args.data_root, seed=args.seed)
     if args.limit is not None:
         data = data.subset(args.limit, args.limit)
-    model = build(args.model, data, sizes)
+    try:
+        model = build(args.model, data, sizes)
+    except (RuntimeError, MemoryError) as e:
+        # torch reports a failed allocation as a RuntimeError; any other one is a bug to show.
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        given = ", ".join(f"{flag} {value}" for flag, value in (
+            ("--hidden", args.hidden and ",".join(map(str, args.hidden))),
+            ("--latent", args.latent),
+            ("--channels", args.channels and ",".join(map(str, args.channels))))
+            if value is not None)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"not enough memory for model {args.model!r} of {data.input_dim} "
+                         f"inputs{' with ' + given if given else ''}: {detail}") from None
     flat = args.model not in IMAGE_INPUT
     x = data.inputs("train", flat=flat)
     y = train_targets(args.model, data, x, model.latent_dim, seed=args.seed)
@@ -110,11 +151,12 @@ def _cmd_train(args) -> int:
                                    torch.Generator().manual_seed(args.seed),
                                    labels=torch.from_numpy(data.labels("test")) if labelled
                                    else None))
-    # A data file by its absolute path: later commands (search, static quantization) find it
-    # from any working directory.
+    # A data file or folder by its absolute path: later commands (search, static quantization)
+    # find it from any working directory.
     data_ref = args.data if args.data in datasets.NAMES else str(Path(args.data).resolve())
+    data_root = None if args.data_root is None else str(Path(args.data_root).resolve())
     save_model(model, out, history,
-               extra={"data": data_ref, "data_root": args.data_root, "seed": args.seed,
+               extra={"data": data_ref, "data_root": data_root, "seed": args.seed,
                       "model": args.model, "corruption": spec, "test": test,
                       "sample_shape": list(data.sample_shape)})
     plot_history(history, out / "loss.png")
@@ -134,13 +176,25 @@ def _cmd_train(args) -> int:
 
 def _cmd_sample(args) -> int:
     from aecore.io import check_output, load_model, read_config
-    from aecore.vae import sample_grid
+    from aecore.vae import VAE, sample_grid
 
+    _check_seed(args.seed)
     check_output(args.out, ".png")
     model = load_model(args.model_dir)
-    # A flat model of images draws them in the shape of its training data's samples.
-    shape = read_config(args.model_dir).get("sample_shape")
-    shape = shape if isinstance(shape, list) and len(shape) == 3 else None
+    size = math.prod(model.input_shape)
+    if args.image_shape is not None:
+        if len(args.image_shape) not in (2, 3) or math.prod(args.image_shape) != size:
+            raise ValueError(f"--image-shape must be H,W or C,H,W of {size} values (the model's "
+                             f"input), got {','.join(map(str, args.image_shape))}")
+        shape = args.image_shape
+    else:
+        # A flat model of images draws them in the shape of its training data's samples.
+        shape = read_config(args.model_dir).get("sample_shape")
+        shape = shape if isinstance(shape, list) and len(shape) == 3 else None
+        if (shape is None and isinstance(model, VAE) and len(model.input_shape) == 1
+                and math.isqrt(size) ** 2 != size):
+            raise ValueError(f"the model's {size} inputs do not form a square image: pass "
+                             "--image-shape H,W (or C,H,W) to say how to draw them")
     sample_grid(model, args.n, args.out, label=args.label, seed=args.seed, image_shape=shape)
     print(f"wrote {args.out}")
     return 0
@@ -239,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.add_argument("--label", type=int, default=None, help="class for a conditional model")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-shape", type=_ints, default=None,
+                   help="draw a flat model's samples as H,W or C,H,W images (default: the "
+                        "training data's sample shape, else square)")
     s.set_defaults(fn=_cmd_sample)
 
     e = sub.add_parser("export", help="export a trained model to ONNX")
@@ -250,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=["dynamic", "static", "fp16"], default=None)
     e.add_argument("--calibration", default=None, help=".npy inputs for static quantization")
     e.add_argument("--threshold", type=float, default=None, help="scorer's anomaly threshold")
-    e.add_argument("--k", type=int, default=10, help="recommender's items per user")
+    e.add_argument("--k", type=int, default=None, help="recommender's items per user (10)")
     e.set_defaults(fn=_cmd_export)
 
     i = sub.add_parser("infer", help="run an exported ONNX model on a .npy file")

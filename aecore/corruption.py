@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def _check(x: object, generator: object) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -76,6 +78,11 @@ class GaussianNoise(Corruption):
             raise TypeError(f"sigma must be a number >= 0, got {type(self.sigma).__name__}")
         if not (math.isfinite(self.sigma) and self.sigma >= 0):
             raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        # Noise is added in float32 (float64 only for float64 inputs): a sigma beyond
+        # float32's range would turn every corrupted input into Inf.
+        if self.sigma > FLOAT32_MAX:
+            raise ValueError(f"sigma must be at most float32's largest value ({FLOAT32_MAX:.4g}),"
+                             f" got {self.sigma!r}")
 
     @property
     def level(self) -> float:

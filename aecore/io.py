@@ -59,7 +59,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the OS's message would name the temp file, not ``path``
+        raise type(e)(f"can't write {str(path)!r}: {_cannot_create(path.parent, e)}") from None
     os.close(fd)
     try:
         write(tmp)
@@ -72,6 +75,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _cannot_create(folder: Path, error: OSError) -> str:
+    return (f"no file can be created in the folder {str(folder)!r} "
+            f"({error.strerror or error})")
 
 
 def load_npy(path: str | os.PathLike, name: str) -> np.ndarray:
@@ -98,7 +106,16 @@ def model_inputs(model, raw: np.ndarray, name: str) -> np.ndarray:
     """Raw samples for ``model``: (N, *sample) or one sample, flat or shaped, in raw units ->
     finite float32 model inputs (N, *model.input_shape), through the model's normalization.
     Errors name ``name``."""
-    shape = tuple(model.input_shape)
+    return sample_rows(raw, model.input_shape, name, model.normalization)
+
+
+def sample_rows(raw: np.ndarray, shape, name: str,
+                normalization: Normalization | None = None) -> np.ndarray:
+    """Samples of shape ``shape``: (N, *sample) or one sample, flat or shaped -> finite
+    float32 rows (N, *shape), through ``normalization`` if given. Numpy alone, for callers
+    that have a model's shape and normalization but not the model (an exported file).
+    Errors name ``name``."""
+    shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
     if raw.ndim >= 2 and math.prod(raw.shape[1:]) == size:
         n = raw.shape[0]
@@ -114,14 +131,14 @@ def model_inputs(model, raw: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} contains NaN or Inf")
     # Normalisation may be per feature: apply it on rows in the model's own layout.
     x = raw.reshape(n, *shape).astype(np.float32)
-    norm = model.normalization
-    return np.ascontiguousarray(norm.apply(x) if norm is not None else x)
+    return np.ascontiguousarray(normalization.apply(x) if normalization is not None else x)
 
 
 def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = (),
                  name: str = "--out") -> Path:
     """``out`` as a Path, after checking that it ends in ``suffix`` (if given) and is none of
-    ``sources`` (the files a command reads: writing there would destroy them)."""
+    ``sources`` (the files a command reads: writing there would destroy them), and that its
+    folder (or the nearest one above it that exists) takes new files."""
     out = Path(out)
     if suffix is not None and out.suffix != suffix:
         raise ValueError(f"{name} must be a {suffix} file path, got {str(out)!r}")
@@ -133,6 +150,19 @@ def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = ()
                                     and os.path.samefile(out, src))):
             raise ValueError(f"{name} {str(out)!r} is the input {str(src)!r}; writing it "
                              "would destroy the input")
+    # Found now, not when the result is written after all the work (the write's own error
+    # would also name its temp file rather than ``out``).
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(f"can't write {name} {str(out)!r}: {str(above)!r} is a file, "
+                                 "not a directory")
+    if above is not None:
+        try:
+            with tempfile.TemporaryFile(dir=above):  # unnamed where the OS allows, else unlinked
+                pass
+        except OSError as e:
+            raise type(e)(f"can't write {name} {str(out)!r}: {_cannot_create(above, e)}"
+                          ) from None
     return out
 
 

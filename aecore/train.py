@@ -55,22 +55,43 @@ def init_distributed() -> tuple[int, int]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
              device: str | torch.device | None = None) -> dict[str, float]:
-    """Mean of every term of ``model.loss`` over (x, y), weighted by batch size."""
+    """Every term of ``model.loss`` over (x, y): the mean over samples (per-batch values
+    weighted by batch size), except for the terms of a model's ``pooled_terms``.
+
+    Some terms are no mean over samples (a VQ-VAE's perplexity is a function of the whole
+    set's code histogram). A model with ``loss_and_statistics(x, y)`` -> (terms, additive
+    statistics of the batch) and ``pooled_terms(summed statistics)`` -> terms gets those terms
+    computed from the statistics summed over all batches, so that they do not depend on
+    ``batch_size``.
+    """
     device = device or next(model.parameters()).device
     x = _as_tensor(x, "x", _param_dtype(model))
     y = _as_tensor(y, "y")
     if len(x) == 0:
         raise ValueError("x holds no samples: nothing to evaluate")
+    pooled = hasattr(model, "loss_and_statistics") and hasattr(model, "pooled_terms")
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        yb = None if y is None else y[i:i + batch_size].to(device)
-        for k, v in model.loss(xb, yb).items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(xb)
-    model.train(was_training)
-    return {k: v / len(x) for k, v in sums.items()}
+    stats: dict[str, torch.Tensor] = {}
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            yb = None if y is None else y[i:i + batch_size].to(device)
+            if pooled:
+                terms, batch_stats = model.loss_and_statistics(xb, yb)
+                for k, v in batch_stats.items():
+                    stats[k] = stats[k] + v if k in stats else v
+            else:
+                terms = model.loss(xb, yb)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(xb)
+        out = {k: v / len(x) for k, v in sums.items()}
+        if pooled:
+            out.update({k: float(v) for k, v in model.pooled_terms(stats).items()})
+    finally:
+        model.train(was_training)
+    return out
 
 
 class Trainer:
@@ -241,7 +262,7 @@ class Trainer:
                 yb = None if y is None else y[idx].to(self.device, non_blocking=True)
                 terms = self._step(xb, yb, noise)
                 if not torch.isfinite(terms["loss"]):
-                    raise self._diverged(f"loss became {float(terms['loss'])}",
+                    raise self._diverged(f"loss became {terms['loss'].detach().item()}",
                                          f"at epoch {epoch}, step {step + 1}", last_good)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)

@@ -408,7 +408,17 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
     For a conditional model, ``label`` fixes the class of every sample; without it each row of
     the grid (8 wide) is one class, row r class r % num_classes. A flat model's samples are
     drawn as ``image_shape`` ((H, W) or (C, H, W)), by default square. Returns the images,
-    (n, H, W) or (n, C, H, W), in [0, 1].
+    (n, H, W) or (n, C, H, W), in [0, 1], as drawn.
+
+    Samples are mapped back to the training data's raw units through ``model.normalization``
+    (if any), and then to [0, 1] for display:
+
+    * raw values within [0, 1] are drawn as they are;
+    * otherwise, with one scale for all values (an image data set's normalization maps its
+      range, e.g. bytes 0..255, onto [0, 1]), by that scale: the model's own [0, 1] values;
+    * otherwise (per-feature standardisation of a flat table, e.g. pixels 0..16), by the
+      grid's own minimum and maximum, so that the darkest value is black and the brightest
+      white.
     """
     from aecore.plots import save_image_grid
 
@@ -437,8 +447,21 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
         imgs = model.sample(n, None if labels is None else labels.to(device), generator=gen)
     finally:
         model.train(was_training)
-    # Model inputs are scaled to [0, 1] (the project's image convention): no inversion.
-    imgs = imgs.float().cpu().numpy().reshape(n, *shape)
-    imgs = np.clip(imgs, 0.0, 1.0)
+    imgs = _displayable(model, imgs.float().cpu().numpy()).reshape(n, *shape)
     save_image_grid(imgs, path, nrow=nrow)
     return imgs
+
+
+def _displayable(model: VAE, x: np.ndarray) -> np.ndarray:
+    """Model-space samples (n, *input_shape) -> [0, 1] values to draw (see sample_grid)."""
+    norm = model.normalization
+    raw = x if norm is None else norm.invert(x)
+    if raw.min() >= 0.0 and raw.max() <= 1.0:
+        return raw
+    if norm is None or (np.size(norm.mean) == 1 and np.size(norm.std) == 1):
+        # One scale for every value: model space is the data's range mapped onto [0, 1].
+        return np.clip(x, 0.0, 1.0)
+    lo, hi = float(raw.min()), float(raw.max())
+    if not hi > lo:  # constant (or non-finite) samples: nothing to stretch
+        return np.clip(raw, 0.0, 1.0)
+    return ((raw - lo) / (hi - lo)).astype(np.float32)

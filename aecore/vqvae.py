@@ -61,7 +61,14 @@ def _process_group() -> bool:
 def perplexity(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """exp(entropy) of the code usage in ``indices`` (any shape, int64 in [0, num_codes)):
     1 when one code is used, num_codes when all are used equally. Returns a float32 scalar."""
-    counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
+    return perplexity_of_counts(torch.bincount(indices.reshape(-1), minlength=num_codes))
+
+
+def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram ``counts`` (num_codes,): the perplexity of the codes it
+    counts, so that histograms summed over batches give the perplexity of the whole set.
+    Returns a float32 scalar."""
+    counts = counts.float()
     p = counts / counts.sum().clamp_min(1.0)
     # 0 log 0 = 0: unused codes contribute nothing.
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
@@ -238,9 +245,22 @@ class VQVAE(AutoEncoderBase):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """{"loss", "recon" (MSE), "codebook", "commitment" (beta included), "perplexity"}.
+        """{"loss", "recon" (MSE), "codebook", "commitment" (beta included), "perplexity"
+        (of this batch's codes)}.
 
         In training mode this also performs the EMA codebook update and dead-code re-seeding.
+        """
+        return self.loss_and_statistics(x, y, target)[0]
+
+    def loss_and_statistics(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                            target: torch.Tensor | None = None
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(:meth:`loss`'s terms, the batch's additive statistics ``{"code_counts"}``: its code
+        histogram (num_codes,) int64).
+
+        A perplexity is no mean over samples: the statistics summed over the batches of a set
+        give, through :meth:`pooled_terms`, the perplexity of the whole set, whatever its
+        batching (:func:`aecore.train.evaluate` reports that one).
         """
         if y is not None:
             raise ValueError("y must be None: the VQ-VAE is unconditional")
@@ -254,12 +274,18 @@ class VQVAE(AutoEncoderBase):
         codebook = F.mse_loss(e, flat.detach())
         commitment = self.beta * F.mse_loss(flat, e.detach())
         loss = recon + commitment if self.ema else recon + codebook + commitment
+        counts = torch.bincount(idx, minlength=self.num_codes)
         terms = {"loss": loss, "recon": recon, "codebook": codebook.detach() if self.ema
                  else codebook, "commitment": commitment,
-                 "perplexity": perplexity(idx, self.num_codes)}
+                 "perplexity": perplexity_of_counts(counts)}
         if self.training:
             self._update_codebook(flat.detach(), idx)
-        return terms
+        return terms, {"code_counts": counts}
+
+    def pooled_terms(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms of a whole set from the sums of its batches' :meth:`loss_and_statistics`
+        statistics: ``{"perplexity"}`` of its code histogram."""
+        return {"perplexity": perplexity_of_counts(statistics["code_counts"])}
 
     # -- codebook maintenance ---------------------------------------------------------------------
 

@@ -3,11 +3,15 @@
 //   aecore_infer MODEL.onnx INPUT.npy OUT_PREFIX [LABELS.npy]
 //
 // INPUT.npy holds float32 model inputs (B, ...), already normalised (the model's metadata
-// "normalization" says how). Each output is written to OUT_PREFIX.<output name>.npy, and the
-// model's metadata is printed.
+// "normalization" says how). A conditional model also takes LABELS.npy, integer class ids (B,)
+// in [0, num_classes). Each output is written to OUT_PREFIX.<output name>.npy, and the model's
+// metadata is printed.
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -27,9 +31,15 @@ int main(int argc, char** argv) {
     Ort::AllocatorWithDefaultOptions alloc;
 
     Ort::ModelMetadata meta = session.GetModelMetadata();
+    int64_t num_classes = 0;  // 0: not a conditional model, labels are not range-checked
     for (auto& key : meta.GetCustomMetadataMapKeysAllocated(alloc)) {
       auto value = meta.LookupCustomMetadataMapAllocated(key.get(), alloc);
       std::cout << key.get() << " = " << value.get() << "\n";
+      if (std::string(key.get()) == "num_classes") {
+        char* end = nullptr;
+        long long n = std::strtoll(value.get(), &end, 10);
+        if (end != value.get() && *end == '\0' && n > 0) num_classes = n;
+      }
     }
 
     npy::Array x = npy::load_float32(argv[2]);
@@ -38,6 +48,11 @@ int main(int argc, char** argv) {
       std::cerr << "error: the model takes " << n_inputs << " input(s)\n";
       return 2;
     }
+    std::vector<std::string> in_names, out_names;
+    for (size_t i = 0; i < n_inputs; ++i)
+      in_names.push_back(session.GetInputNameAllocated(i, alloc).get());
+    for (size_t i = 0; i < session.GetOutputCount(); ++i)
+      out_names.push_back(session.GetOutputNameAllocated(i, alloc).get());
     auto expected = session.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
     if (expected.size() != x.shape.size()) {
       std::cerr << "error: input must have rank " << expected.size() << ", got "
@@ -51,6 +66,19 @@ int main(int argc, char** argv) {
         return 2;
       }
     }
+    // The same rules as the Python runtime (export/runtime.py): ONNX Runtime would run an empty
+    // batch, and a NaN sample scores NaN, which no threshold flags as an anomaly.
+    if (x.shape[0] == 0) {
+      std::cerr << "error: " << argv[2] << ": input '" << in_names[0] << "' is an empty batch\n";
+      return 2;
+    }
+    for (float v : x.data) {
+      if (!std::isfinite(v)) {
+        std::cerr << "error: " << argv[2] << ": input '" << in_names[0]
+                  << "' contains NaN or Inf\n";
+        return 2;
+      }
+    }
 
     Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<Ort::Value> inputs;
@@ -59,18 +87,35 @@ int main(int argc, char** argv) {
     std::vector<int64_t> labels;
     std::vector<int64_t> label_shape;
     if (argc == 5) {
-      npy::Array y = npy::load_float32(argv[4]);
-      labels.assign(y.data.begin(), y.data.end());
-      label_shape = y.shape;
+      const char* path = argv[4];
+      npy::IntArray y = npy::load_int64(path);
+      labels = std::move(y.data);
+      if (y.shape.size() > 1) {
+        std::cerr << "error: " << path << ": input '" << in_names[1]
+                  << "' must be one class id per sample, shape (" << x.shape[0] << ",)\n";
+        return 2;
+      }
+      // A 0-d file is one id, as the Python CLI reads it.
+      label_shape = {static_cast<int64_t>(labels.size())};
+      if (label_shape[0] != x.shape[0]) {
+        std::cerr << "error: " << path << ": input '" << in_names[1] << "' has batch "
+                  << label_shape[0] << ", but '" << in_names[0] << "' has " << x.shape[0] << "\n";
+        return 2;
+      }
+      // An out-of-range id one-hot encodes to zeros in the graph: a silent wrong answer.
+      if (num_classes > 0) {
+        auto [lo, hi] = std::minmax_element(labels.begin(), labels.end());
+        if (*lo < 0 || *hi >= num_classes) {
+          std::cerr << "error: " << path << ": input '" << in_names[1]
+                    << "' must hold class ids in [0, " << num_classes << "), got values in ["
+                    << *lo << ", " << *hi << "]\n";
+          return 2;
+        }
+      }
       inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, labels.data(), labels.size(),
                                                          label_shape.data(), label_shape.size()));
     }
 
-    std::vector<std::string> in_names, out_names;
-    for (size_t i = 0; i < n_inputs; ++i)
-      in_names.push_back(session.GetInputNameAllocated(i, alloc).get());
-    for (size_t i = 0; i < session.GetOutputCount(); ++i)
-      out_names.push_back(session.GetOutputNameAllocated(i, alloc).get());
     std::vector<const char*> in_c, out_c;
     for (auto& s : in_names) in_c.push_back(s.c_str());
     for (auto& s : out_names) out_c.push_back(s.c_str());

@@ -1,4 +1,4 @@
-// Minimal .npy reading (float32, C order) and writing (float32, int64, bool).
+// Minimal .npy reading (float32 or integer, C order) and writing (float32, int64, bool).
 #pragma once
 
 #include <cstdint>
@@ -12,8 +12,15 @@ struct Array {
   std::vector<float> data;
 };
 
-// Throws std::runtime_error naming the file and what is wrong.
+struct IntArray {
+  std::vector<int64_t> shape;
+  std::vector<int64_t> data;
+};
+
+// Both throw std::runtime_error naming the file and what is wrong.
 Array load_float32(const std::string& path);
+// Any little-endian integer dtype (int8..int64, uint8..uint64), widened to int64.
+IntArray load_int64(const std::string& path);
 
 // dtype is a numpy descr: "<f4", "<i8" or "|b1"; bytes holds the raw little-endian values.
 void save(const std::string& path, const std::string& dtype, const std::vector<int64_t>& shape,

@@ -56,11 +56,15 @@ def _calibration(model_dir, model, part: str, calibration: str | None) -> np.nda
     return (code[0] if isinstance(code, tuple) else code).numpy()
 
 
+DEFAULT_K = 10  # the recommender's items per user
+
+
 def export_cli(model_dir, part: str, out, quantize: str | None = None,
                threshold: float | None = None, calibration: str | None = None,
-               k: int = 10) -> dict | None:
-    """Export a saved model folder's ``part`` to ``out``, optionally quantized."""
-    from aecore.export.onnx_export import to_onnx
+               k: int | None = None) -> dict | None:
+    """Export a saved model folder's ``part`` to ``out``, optionally quantized. ``k`` (the
+    recommender's items per user) defaults to ``DEFAULT_K``."""
+    from aecore.export.onnx_export import _conditional, to_onnx
     from aecore.io import load_model
 
     # Options this export has no use for would be ignored without a word.
@@ -68,8 +72,16 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
         raise ValueError("--calibration is for --quantize static")
     if threshold is not None and part != "scorer":
         raise ValueError(f"--threshold is for --part scorer, not {part!r}")
+    if k is not None and part != "recommender":
+        raise ValueError(f"--k is for --part recommender, not {part!r}")
+    k = DEFAULT_K if k is None else k
     out = check_output(out, ".onnx")
     model = load_model(model_dir)
+    if quantize is not None and _conditional(model):
+        # Checked before the export and the calibration set (which would need labels).
+        raise ValueError(f"--quantize takes single-input models; {str(model_dir)!r} is "
+                         "conditional (x and labels), and quantizing with the labels folded "
+                         "in is not supported: export it without --quantize")
     if quantize is None:
         to_onnx(model, out, part=part, threshold=threshold, k=k)
         print(f"wrote {out}")
@@ -89,6 +101,34 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     return report
 
 
+def _infer_inputs(model, raw: np.ndarray, input_path, normalize: bool) -> np.ndarray:
+    """The first input of the exported ``model`` from raw samples, in the layouts ``aecore
+    denoise`` takes: (N, *sample) flat or shaped, or one sample; codes (N, latent) or one code
+    for a decoder or generator. Normalised as the model's metadata says."""
+    from aecore.io import sample_rows
+    from aecore.normalization import Normalization
+
+    part = model.metadata.get("part")
+    name = f"input {str(input_path)!r}"
+    if part in ("decoder", "generator"):
+        dims = model.inputs[0].shape[1:]
+        if not all(isinstance(d, int) for d in dims):  # a graph without fixed code dims
+            return raw
+        return sample_rows(raw, dims, name)
+    shape = model.metadata.get("input_shape")
+    if not shape or part not in ("autoencoder", "encoder", "scorer", "recommender"):
+        return raw
+    if part == "recommender":
+        # As aecore recommend takes them: 0/1 (or count) rows of any real dtype, bool too; the
+        # graph normalises them itself.
+        rows = sample_rows(raw, shape, name)
+        if (rows < 0).any():
+            raise ValueError(f"{name} must hold finite, non-negative interaction values")
+        return rows
+    norm = model.metadata.get("normalization") if normalize else None
+    return sample_rows(raw, shape, name, Normalization.from_dict(norm) if norm else None)
+
+
 def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: bool = True) -> dict:
     """Run an exported model on a .npy of raw inputs (the training data's units).
 
@@ -98,6 +138,7 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
     ``<stem>.<name>.npy``.
     """
     from aecore.export.runtime import Model
+    from aecore.normalization import Normalization
 
     model = Model(model_path)
     conditional = "labels" in model.input_names
@@ -110,7 +151,7 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
     paths = [out_path.with_suffix(f".{name}.npy") for name in model.output_names[1:]]
     for p in (out_path, *paths):
         check_output(p, ".npy", (model_path, input_path, labels_path))
-    x = load_npy(input_path, "input")
+    x = _infer_inputs(model, load_npy(input_path, "input"), input_path, normalize)
     extra = ()
     if conditional:
         labels = load_npy(labels_path, "--labels")
@@ -118,19 +159,10 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
             raise TypeError(f"--labels must hold integer class ids, got dtype {labels.dtype}")
         extra = (np.atleast_1d(labels).astype(np.int64),)
     norm = model.metadata.get("normalization") if normalize else None
-    part = model.metadata.get("part")
-    if norm and part in ("autoencoder", "encoder", "scorer"):
-        x = (x.astype(np.float32) - np.asarray(norm["mean"], np.float32)) \
-            / np.asarray(norm["std"], np.float32)
-    shape = model.metadata.get("input_shape")
-    if shape and part in ("autoencoder", "encoder", "scorer", "recommender") \
-            and x.ndim == len(shape):
-        x = x[None]  # a single sample
     outputs = model.run_all(x, *extra)
-    if norm and part in ("autoencoder", "decoder", "generator"):
+    if norm and model.metadata.get("part") in ("autoencoder", "decoder", "generator"):
         name = model.output_names[0]
-        outputs[name] = (outputs[name] * np.asarray(norm["std"], np.float32)
-                         + np.asarray(norm["mean"], np.float32))
+        outputs[name] = Normalization.from_dict(norm).invert(outputs[name])
     for path, value in zip((out_path, *paths), outputs.values()):
         save_npy(path, value)
     print(f"wrote {out_path}: " + json.dumps({k: list(v.shape) for k, v in outputs.items()}))

@@ -78,7 +78,9 @@ class _Part(nn.Module):
         if self.part in ("decoder", "generator"):
             return m.decode(x, *extra)
         err = m.reconstruction_error(x, *extra)
-        return err, err > self.threshold
+        # Not (err <= threshold) rather than err > threshold: a NaN score (a corrupt sample)
+        # is flagged, not passed as normal.
+        return err, ~(err <= self.threshold)
 
 
 def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:

@@ -112,9 +112,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
             )
 
             # A scorer's flag compares in fp32, against the threshold its metadata states: in
-            # fp16 the threshold would round, and flags would disagree with score > threshold.
-            onnx.save(convert_float_to_float16(model, keep_io_types=True,
-                                               op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Greater"]),
+            # fp16 the threshold would round, and flags would disagree with the fp32 file's.
+            blocked = [*DEFAULT_OP_BLOCK_LIST, "LessOrEqual"]
+            onnx.save(convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked),
                       str(out))
         result = onnx.load(str(out))
     props["quantization"] = mode

@@ -114,7 +114,7 @@ def _log1p(x):
 def apply_act(z, ACT: tl.constexpr, slope):
     """act(z) for the id ``ACT`` (see ACTIVATIONS); ``z`` is fp32."""
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # not maximum(z, 0), which turns NaN into 0 (torch keeps it)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * slope)
     elif ACT == 3:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import numbers
 import os
 
 import torch
@@ -35,10 +37,14 @@ def exporting() -> bool:
 def transformed(*tensors: torch.Tensor | None) -> bool:
     """True when a tensor is inside a torch.func transform (vmap, jvp, jacrev) or carries a
     forward-mode tangent: the custom ops have no rules for those, the reference math does."""
-    if torch.compiler.is_compiling():
-        return False  # torch.compile traces the custom op itself; these checks aren't traceable
-    # Tangents exist only inside a dual level; outside one, skip unpacking (the eager hot path).
+    # Tangents exist only inside a dual level (torch.func.jvp opens one too); outside one, skip
+    # unpacking (the eager hot path).
     dual = torch.autograd.forward_ad._current_level >= 0
+    if torch.compiler.is_compiling():
+        # The per-tensor checks below aren't traceable, but the level is: inside a compiled
+        # jvp the opaque op would drop the tangent silently. (A compiled vmap batches the op
+        # itself, correctly.)
+        return dual
     for t in tensors:
         if t is None:
             continue
@@ -47,6 +53,26 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
         if dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
+
+
+def first_order_only(op: str) -> None:
+    """RuntimeError unless this backward runs without ``create_graph``: the ops' own backward
+    passes compute from tensors saved without their graph, so a second derivative through
+    them would silently miss terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} does not support double backward (create_graph=True) on "
+                           "this path; differentiate its reference math instead "
+                           f"({op}_reference)")
+
+
+def check_slope(negative_slope: object) -> None:
+    """TypeError unless leaky_relu's ``negative_slope`` is a real number (not a bool),
+    ValueError unless it is finite."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"negative_slope must be a real number, got "
+                        f"{type(negative_slope).__name__}")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"negative_slope must be finite, got {negative_slope!r}")
 
 
 def check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:

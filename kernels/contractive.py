@@ -49,7 +49,6 @@ plain differentiable torch math. Double backward is not supported by the op.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -66,11 +65,19 @@ from aecore.kernels._activations import (
     activation_id,
     apply_act,
 )
-from aecore.kernels._backend import check_like, exporting, interpreting, resolve, transformed
+from aecore.kernels._backend import (
+    check_like,
+    check_slope,
+    exporting,
+    interpreting,
+    resolve,
+    transformed,
+)
 
 __all__ = ["contractive_penalty", "contractive_penalty_reference", "plan", "ORDERS"]
 
 ORDERS = ("closed", "gram", "direct")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Activations whose second derivative is zero everywhere torch defines it: the penalty's
 # gradient then has no ds_l term through that layer.
 _LINEAR_PIECES = ("identity", "relu", "leaky_relu")
@@ -667,8 +674,9 @@ _penalty_op.register_autograd(_backward_fn, setup_context=_setup_context)
 def _validate(x, weights, biases, activations, negative_slope) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a float32, float16, bfloat16 or float64 tensor, got "
+                        f"{x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (batch, features), got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
@@ -708,9 +716,7 @@ def _validate(x, weights, biases, activations, negative_slope) -> None:
         check_like(f"biases[{i}]", b, x)
     for i, act in enumerate(activations):
         activation_id(act, f"activations[{i}]")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real) \
-            or not math.isfinite(negative_slope):
-        raise TypeError(f"negative_slope must be a finite real number, got {negative_slope!r}")
+    check_slope(negative_slope)
 
 
 def contractive_penalty(x: torch.Tensor, weights: Sequence[torch.Tensor],

@@ -28,7 +28,6 @@ the torch backend in eager mode directly, without the custom op's Python dispatc
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,15 @@ import triton
 import triton.language as tl
 
 from aecore.kernels._activations import act_grad, act_torch, activation_id, apply_act
-from aecore.kernels._backend import check_like, exporting, interpreting, resolve, transformed
+from aecore.kernels._backend import (
+    check_like,
+    check_slope,
+    exporting,
+    first_order_only,
+    interpreting,
+    resolve,
+    transformed,
+)
 
 __all__ = ["fused_linear", "fused_linear_reference", "aot_cases"]
 
@@ -466,6 +473,7 @@ class _TorchFusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_order_only("fused_linear")
         x, weight, saved = ctx.saved_tensors
         has_bias, activation, slope = ctx.args
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -506,9 +514,7 @@ def _validate(x, weight, bias, negative_slope, allow_tf32) -> None:
                          f"{tuple(bias.shape)}")
     check_like("weight", weight, x)
     check_like("bias", bias, x)
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-        raise TypeError(f"negative_slope must be a real number, got "
-                        f"{type(negative_slope).__name__}")
+    check_slope(negative_slope)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
 

@@ -36,7 +36,10 @@ D terms each up to exp(LOGVAR_MAX) / 2 ~ 1.1e4 would overflow float16.
 Backends: the Triton kernels run as the custom op ``aecore::reparameterize`` (opaque and
 differentiable for torch.compile); eager CPU runs the same math through a lighter
 ``autograd.Function``. Under torch.export / ONNX export the op emits
-:func:`reparameterize_reference` with ``torch.randn_like`` noise (an unseeded RandomNormalLike).
+:func:`reparameterize_reference` with ``torch.randn_like`` noise (an unseeded RandomNormalLike);
+under torch.func transforms and forward-mode AD it runs :func:`reparameterize_reference` on the
+torch path's noise (torch.clamp's gradient there). The torch path's backward is first order
+only: with ``create_graph=True`` it raises.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aecore.kernels._backend import exporting, interpreting, resolve
+from aecore.kernels._backend import exporting, first_order_only, interpreting, resolve, transformed
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 10.0
@@ -422,6 +425,7 @@ class _TorchReparameterize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
+        first_order_only("reparameterize")
         mu, std = ctx.saved_tensors
         dmu, dlv = _torch_backward(grad_z, grad_kl, mu, std, ctx.seed)
         return dmu, dlv, None
@@ -497,6 +501,12 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None =
     use_triton = resolve(backend, mu, logvar) == "triton"
     if seed is None:
         seed = draw_seed(generator)
+    if transformed(mu, logvar):
+        # torch.func transforms and forward-mode AD have no rules for the op: plain torch math
+        # on the torch path's noise (under vmap, torch's randomness setting applies to it).
+        cd = _compute_dtype(mu.dtype)
+        z, kl = reparameterize_reference(mu, logvar, _torch_eps(mu.shape, seed, mu.device, cd))
+        return (z, kl) if return_kl else z
     if use_triton or torch.compiler.is_compiling():
         # One opaque differentiable node for torch.compile, whichever backend runs inside.
         z, kl = _reparameterize_op(mu, logvar, seed, use_triton)

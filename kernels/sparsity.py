@@ -79,7 +79,7 @@ def _kl_sparsity_fwd_kernel(partial_ptr, out_ptr, coef_ptr, n_splits, B, H, rho,
         mean = s * inv_b
         # Same convention as torch.clamp's gradient: the bounds themselves still pass it.
         inside = (mean >= eps) & (mean <= 1.0 - eps)
-        rh = tl.minimum(tl.maximum(mean, eps), 1.0 - eps)
+        rh = tl.clamp(mean, eps, 1.0 - eps, propagate_nan=tl.PropagateNan.ALL)
         # No log of rho here: rho that rounds to 0 in fp32 then adds 0, not 0 * log(0) = NaN.
         kl = rho * (log_rho - tl.log(rh)) + omr * (log_omr - tl.log(1.0 - rh))
         acc += tl.where(cmask, kl, 0.0)
@@ -245,8 +245,9 @@ _kl_sparsity_op.register_autograd(_backward, setup_context=_setup_context)
 def _validate(h: object, rho: object) -> None:
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
-    if not h.is_floating_point():
-        raise TypeError(f"h must be a floating point tensor (sigmoid activations), got {h.dtype}")
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"h must be a float32, float16, bfloat16 or float64 tensor (sigmoid "
+                        f"activations), got {h.dtype}")
     if h.dim() != 2:
         raise ValueError(f"h must be 2-D (batch, hidden), got shape {tuple(h.shape)}")
     if h.shape[0] < 1 or h.shape[1] < 1:

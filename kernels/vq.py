@@ -14,7 +14,8 @@ minimum, and a later tile replaces the running best only when strictly smaller. 
 on the computed scores, so codes whose exact distances differ by less than the rounding error of
 the expanded form (about ``eps * (||x||^2 + ||c||^2)``) may resolve either way; both backends
 compute the same scores in the same precision, but not in the same order of summation. Rows
-holding NaN get an unspecified index.
+holding NaN get an unspecified index; a code holding inf or NaN is never chosen for a finite
+row while a finite code exists.
 
 The returned distance is recomputed directly as ``sum((x - c)^2)`` for the chosen code, so it
 has no cancellation error (the expanded form loses everything below eps * ||x||^2).
@@ -137,8 +138,14 @@ def vq_nearest_reference(x: torch.Tensor, codebook: torch.Tensor
     (float64 for float64)."""
     cd = _compute_dtype(x.dtype)
     xc, cc = _as(x, cd), _as(codebook, cd)
+    norm = (cc * cc).sum(1)
+    # A code with an inf or NaN entry is infinitely far from every finite x, but its score
+    # would be inf - inf = NaN, which argmin takes for the minimum: score such codes +inf
+    # (zero rows in the product, +inf norms), as the kernel's min does.
+    bad = ~torch.isfinite(norm)
+    norm = norm.masked_fill(bad, float("inf"))
     # One GEMM with the ||c||^2 row folded in (addmm's bias): no extra passes over (N, K).
-    score = torch.addmm((cc * cc).sum(1), xc, cc.t(), alpha=-2.0)
+    score = torch.addmm(norm, xc, cc.masked_fill(bad[:, None], 0.0).t(), alpha=-2.0)
     idx = score.argmin(dim=1)
     dist = (xc - cc[idx]).pow(2).sum(1)
     return idx, dist

@@ -52,6 +52,65 @@ def test_train_rejects_bad_numbers_up_front(tmp_path, capsys, flag, value, messa
     assert not (tmp_path / "run").exists()  # nothing trained or written
 
 
+@pytest.mark.parametrize("flags, message", [
+    # torch.manual_seed overflowed at 2**64 without naming the flag.
+    ({"--seed": str(2**64)}, f"--seed must be at most 2**32 - 1 (4294967295), got {2**64}"),
+    ({"--seed": str(2**32)}, "--seed must be at most 2**32 - 1"),
+    # The Trainer's and the models' own checks name their arguments (lr, beta, lam, weight).
+    ({"--lr": "0"}, "--lr must be a positive finite number, got 0.0"),
+    ({"--lr": "inf"}, "--lr must be a positive finite number, got inf"),
+    ({"--model": "vae", "--weight": "-1"}, "--weight must be a finite number >= 0, got -1.0"),
+    ({"--model": "cae", "--weight": "nan"}, "--weight must be a finite number >= 0, got nan"),
+    ({"--model": "sparse-ae", "--weight": "-1"}, "--weight must be a finite number >= 0"),
+    ({"--val-fraction": "1"}, "--val-fraction must be in [0, 1), got 1.0"),
+    ({"--patience": "0"}, "--patience must be a positive integer, got 0"),
+    # Finite in float64 but not in float32, in which the noise is added.
+    ({"--corruption": "gaussian:1e39"},
+     "--corruption: sigma must be at most float32's largest value"),
+    ({"--corruption": "mask:2"}, "--corruption: fraction must be in [0, 1], got 2.0"),
+])
+def test_train_names_the_flag_of_a_bad_value(tmp_path, capsys, flags, message):
+    assert main(_train(tmp_path, **flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_says_when_the_model_does_not_fit_in_memory(tmp_path, capsys):
+    # 16 x 10**12 weights: the allocation fails at once (a RuntimeError from torch).
+    assert main(_train(tmp_path, **{"--latent": str(10**12)})) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aecore train: error: not enough memory for model 'ae' of 64 inputs "
+                          "with --hidden 16, --latent 1000000000000: ")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "no-such-model", "--seed", str(2**64)],
+    ["sample", "no-such-model", "--seed", "-1"],
+    ["quickstart", "--seed", str(2**64)],
+])
+def test_other_commands_check_the_seed_range(tmp_path, capsys, argv):
+    assert main([*argv, "--out", str(tmp_path / "out.png")]) == 2
+    assert "error: --seed must be " in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_train_records_the_data_root_by_absolute_path(tmp_path, monkeypatch):
+    # search and static-quantized export read the data set from the config's folder, from
+    # whatever working directory they run in.
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "--model", "ae", "--data", "digits", "--data-root", "data",
+                 "--epochs", "1", "--limit", "50", "--hidden", "16", "--out", "run"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_root"] == str((tmp_path / "data").resolve())
+    assert main(["train", "--quiet", "--model", "ae", "--data", "digits", "--epochs", "1",
+                 "--limit", "50", "--hidden", "16", "--out", "run2"]) == 0
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["data_root"] is None
+
+
 def test_train_records_data_files_by_absolute_path_and_says_when_resume_finds_nothing(
         tmp_path, capsys, monkeypatch):
     import json

@@ -356,7 +356,9 @@ def _ok():
     (lambda a: {**a, "x": torch.randn(2, 4, 1)}, ValueError, r"x must be 2-D \(batch, features\)"),
     (lambda a: {**a, "x": torch.randn(4)}, ValueError, "x must be 2-D"),
     (lambda a: {**a, "x": torch.ones(2, 4, dtype=torch.int64)}, TypeError,
-     "x must be a floating point tensor, got torch.int64"),
+     "x must be a float32, float16, bfloat16 or float64 tensor, got torch.int64"),
+    (lambda a: {**a, "x": torch.ones(2, 4).to(torch.float8_e4m3fn)}, TypeError,
+     "x must be a float32, .*got torch.float8_e4m3fn"),
     (lambda a: {**a, "x": [[0.0] * 4] * 2}, TypeError, "x must be a torch.Tensor, got list"),
     (lambda a: {**a, "weights": [torch.randn(3, 4).double(), torch.randn(2, 3)]}, TypeError,
      r"weights\[0\] must have x's dtype torch.float32, got torch.float64"),
@@ -364,7 +366,9 @@ def _ok():
      r"biases\[0\] must have shape \(3,\), got \(4,\)"),
     (lambda a: {**a, "biases": [3.0, None]}, TypeError,
      r"biases\[0\] must be a torch.Tensor or None"),
-    (lambda a: {**a, "negative_slope": "0.1"}, TypeError, "negative_slope must be a finite real"),
+    (lambda a: {**a, "negative_slope": "0.1"}, TypeError, "negative_slope must be a real number"),
+    (lambda a: {**a, "negative_slope": float("inf")}, ValueError,
+     "negative_slope must be finite, got inf"),
 ])
 def test_bad_inputs_raise(change, exc, message):
     x, ws, bs, acts = _ok()

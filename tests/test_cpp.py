@@ -12,6 +12,7 @@ import torch
 
 from aecore.autoencoder import AutoEncoder
 from aecore.export import Model, to_onnx
+from aecore.vae import ConditionalVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = Path(os.environ.get("AECORE_ORT_HEADERS", ROOT / "build/onnxruntime-headers"))
@@ -42,6 +43,10 @@ def binary(tmp_path_factory):
     return build / "aecore_infer"
 
 
+def _run(binary, *args):
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True)
+
+
 def test_cpp_matches_python_onnxruntime(binary, tmp_path):
     torch.manual_seed(0)
     model = AutoEncoder(64, [32], 8, output_activation="sigmoid")
@@ -69,3 +74,57 @@ def test_cpp_rejects_bad_input(binary, tmp_path):
     proc = subprocess.run([str(binary), str(path), str(tmp_path / "f64.npy"),
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 1 and "expected float32" in proc.stderr
+
+
+def test_cpp_conditional_labels(binary, tmp_path):
+    torch.manual_seed(0)
+    path = to_onnx(ConditionalVAE(10, 64, [32], 8).eval(), tmp_path / "cvae.onnx")
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = Model(path).run(x, np.array([0, 1, 2, 3, 9]))
+    # Integer files of any width give what the Python runtime gives for the same ids.
+    for dtype in (np.int64, np.int32, np.uint8):
+        labels = tmp_path / f"y_{np.dtype(dtype).name}.npy"
+        np.save(labels, np.array([0, 1, 2, 3, 9], dtype))
+        proc = _run(binary, path, tmp_path / "x.npy", tmp_path / "out", labels)
+        assert proc.returncode == 0, proc.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / "out.reconstruction.npy"), want)
+
+    bad = {
+        "frac.npy": (np.array([0.7, 1.9, 2, 3, 4], np.float32), "expected integer data"),
+        "whole_f32.npy": (np.array([0, 1, 2, 3, 4], np.float32), "expected integer data"),
+        "high.npy": (np.array([0, 1, 2, 3, 99]),
+                     "input 'labels' must hold class ids in [0, 10), got values in [0, 99]"),
+        "negative.npy": (np.array([0, -1, 2, 3, 4]), "must hold class ids in [0, 10)"),
+        "short.npy": (np.array([0, 1, 2, 3]), "input 'labels' has batch 4, but 'x' has 5"),
+        "long.npy": (np.arange(6), "input 'labels' has batch 6, but 'x' has 5"),
+        "2d.npy": (np.arange(5).reshape(5, 1), "must be one class id per sample"),
+    }
+    for name, (labels, message) in bad.items():
+        np.save(tmp_path / name, labels)
+        proc = _run(binary, path, tmp_path / "x.npy", tmp_path / "bad", tmp_path / name)
+        assert proc.returncode != 0 and f"error: {tmp_path / name}: " in proc.stderr, name
+        assert message in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob("bad.*"))
+
+
+def test_cpp_rejects_empty_and_non_finite_input(binary, tmp_path):
+    model = AutoEncoder(64, [32], 8)
+    model.threshold = 0.05
+    path = to_onnx(model, tmp_path / "scorer.onnx", part="scorer")
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    cases = {"empty.npy": (np.zeros((0, 64), np.float32), "input 'x' is an empty batch")}
+    for name, value in (("nan.npy", np.nan), ("inf.npy", np.inf), ("ninf.npy", -np.inf)):
+        bad = x.copy()
+        bad[1, 7] = value
+        cases[name] = (bad, "input 'x' contains NaN or Inf")
+    for name, (data, message) in cases.items():
+        np.save(tmp_path / name, data)
+        proc = _run(binary, path, tmp_path / name, tmp_path / "out")
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert f"error: {tmp_path / name}: {message}" in proc.stderr, proc.stderr
+        # The Python runtime refuses the same inputs.
+        with pytest.raises(ValueError, match=message.replace("input 'x' ", "")):
+            Model(path).run(data)
+    assert not list(tmp_path.glob("out.*"))

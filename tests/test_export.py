@@ -114,6 +114,20 @@ def test_metadata_round_trips(exported):
     assert "threshold" not in Model(exported["ae", "encoder"][1]).metadata
 
 
+def test_scorer_flags_non_finite_scores(exported):
+    # A corrupt sample's NaN score must come out anomalous, not normal (NaN > t is false).
+    import onnxruntime as ort
+
+    _, path = exported["ae", "scorer"]
+    x = np.full((3, 64), 0.5, np.float32)
+    x[1, 7] = np.nan
+    x[2, 0] = np.inf
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    score, flag = session.run(None, {"x": x})
+    assert np.isnan(score[1]) and not np.isfinite(score[2])
+    assert flag.tolist() == [bool(score[0] > 0.05), True, True]
+
+
 def test_failed_verification_leaves_no_file(tmp_path):
     from aecore.autoencoder import AutoEncoder
 

@@ -270,3 +270,135 @@ def test_fp16_scorer_flags_agree_with_its_scores_and_threshold(tmp_path):
     out = half.run_all(x)
     np.testing.assert_array_equal(out["is_anomaly"], out["score"] > half.metadata["threshold"])
     assert out["is_anomaly"][0]
+
+
+def _infer(model, x, tmp_path, name="out.npy"):
+    """``aecore infer`` on the array ``x``: (exit status, the first output or None)."""
+    src = tmp_path / f"in-{name}"
+    np.save(src, x)
+    out = tmp_path / name
+    status = main(["infer", str(model), str(src), "--out", str(out)])
+    return status, (np.load(out) if status == 0 else None)
+
+
+def test_cli_infer_takes_the_sample_layouts_denoise_takes(saved, tmp_path, capsys):
+    from aecore.normalization import Normalization
+
+    raw = load_digits().x_test[:5]  # the data set's own layout, (5, 1, 8, 8)
+    flat = raw.reshape(5, 64)
+    mlp = saved / "ae.onnx"
+    norm = Normalization.from_dict(Model(mlp).metadata["normalization"])
+    want = norm.invert(Model(mlp).run(norm.apply(flat)))
+    for x in (raw, flat):
+        status, got = _infer(mlp, x, tmp_path)
+        assert status == 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for one in (flat[0], raw[0]):  # a single sample, flat or shaped: a batch of one
+        status, got = _infer(mlp, one, tmp_path)
+        assert status == 0
+        np.testing.assert_allclose(got, want[:1], rtol=1e-5, atol=1e-4)
+    conv = to_onnx(_small("conv-ae").eval(), tmp_path / "conv.onnx")
+    want = norm.invert(Model(conv).run(norm.apply(raw)))
+    for x, rows in ((flat, 5), (raw, 5), (flat[0], 1)):
+        status, got = _infer(conv, x, tmp_path)
+        assert status == 0
+        np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-4)
+    # Shapes that fit nothing: the error names the file and the samples' shape.
+    status, _ = _infer(mlp, np.zeros((5, 3), np.float32), tmp_path)
+    assert status == 2
+    assert re.search(r"input '.*in-out\.npy' must hold samples of shape \(64,\) \(or 64 values "
+                     r"each\), got an array of shape \(5, 3\)", capsys.readouterr().err)
+    assert _infer(conv, np.zeros((2, 8, 9), np.float32), tmp_path)[0] == 2
+    assert r"samples of shape (1, 8, 8) (or 64 values each)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, part", [("ae", "decoder"), ("vae", "generator")])
+def test_cli_infer_takes_one_code_vector(saved, tmp_path, capsys, name, part):
+    onnx_path = tmp_path / f"{part}.onnx"
+    assert main(["export", str(saved / name), "--part", part, "--out", str(onnx_path)]) == 0
+    z = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    status, batch = _infer(onnx_path, z, tmp_path, "batch.npy")
+    assert status == 0 and batch.shape == (3, 64)
+    status, one = _infer(onnx_path, z[0], tmp_path, "one.npy")
+    assert status == 0
+    np.testing.assert_allclose(one, batch[:1], rtol=1e-5, atol=1e-4)
+    assert _infer(onnx_path, np.zeros((3, 5), np.float32), tmp_path)[0] == 2
+    assert r"samples of shape (6,) (or 6 values each)" in capsys.readouterr().err
+
+
+def test_cli_infer_takes_the_history_rows_recommend_takes(saved, tmp_path, capsys):
+    from aecore.recommend import recommend_file
+
+    rec = tmp_path / "rec.onnx"
+    assert main(["export", str(saved / "ae"), "--part", "recommender", "--k", "5",
+                 "--out", str(rec)]) == 0
+    seen = np.random.default_rng(0).random((4, 64)) < 0.2
+    want = recommend_file(saved / "ae", _npy(tmp_path / "h.npy", seen), tmp_path / "r.npz",
+                          k=5)["items"]
+    for rows in (seen, seen.astype(np.int64), seen.astype(np.uint8), seen.astype(np.float32)):
+        status, items = _infer(rec, rows, tmp_path)
+        assert status == 0
+        np.testing.assert_array_equal(items, want)
+    status, items = _infer(rec, seen[0].astype(np.int64), tmp_path)  # one user's row
+    assert status == 0
+    np.testing.assert_array_equal(items, want[:1])
+    # Negative values are refused, as recommend refuses them.
+    bad = seen.astype(np.int64) - 1
+    with pytest.raises(ValueError, match="non-negative interaction values"):
+        recommend_file(saved / "ae", _npy(tmp_path / "bad.npy", bad), tmp_path / "r.npz")
+    assert _infer(rec, bad, tmp_path)[0] == 2
+    assert "must hold finite, non-negative interaction values" in capsys.readouterr().err
+
+
+def _npy(path, array):
+    np.save(path, array)
+    return path
+
+
+def test_cli_export_rejects_k_outside_the_recommender(saved, tmp_path, capsys, monkeypatch):
+    import aecore.export.onnx_export as onnx_export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(onnx_export, "to_onnx", never)
+    for part, k in (("autoencoder", "5"), ("scorer", "10")):  # 10: the recommender's default
+        assert main(["export", str(saved / "ae"), "--part", part, "--k", k,
+                     "--out", str(tmp_path / "m.onnx")]) == 2
+        assert f"--k is for --part recommender, not {part!r}" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_cli_quantize_of_a_conditional_model_says_it_takes_single_inputs(saved, tmp_path,
+                                                                        capsys, mode):
+    out = tmp_path / "q.onnx"
+    assert main(["export", str(saved / "cvae"), "--part", "decoder", "--quantize", mode,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize takes single-input models" in err and "is conditional" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_unwritable_out_is_named_before_the_work(saved, tmp_path, capsys, monkeypatch):
+    # /proc refuses new files even to root, whom file modes would not stop.
+    import aecore.export.onnx_export as onnx_export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(onnx_export, "to_onnx", never)
+    assert main(["export", str(saved / "ae"), "--out", "/proc/m.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "--out '/proc/m.onnx'" in err and "folder '/proc'" in err and ".tmp" not in err
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+    assert main(["infer", str(saved / "ae.onnx"), str(tmp_path / "x.npy"),
+                 "--out", "/proc/sub/o.npy"]) == 2
+    err = capsys.readouterr().err
+    assert "--out '/proc/sub/o.npy'" in err and "folder '/proc'" in err and ".tmp" not in err
+    # A write that fails anyway names the file it was asked for, not its temp file.
+    with pytest.raises(OSError, match="can't write '/proc/b.bin': no file can be created in "
+                                      "the folder '/proc'") as e:
+        write_bytes("/proc/b.bin", b"1")
+    assert ".tmp" not in str(e.value)

@@ -147,6 +147,31 @@ def test_one_output_alone(backend):
         assert_close(v.grad, edlv, torch.float32, scale=float(edlv.abs().max()))
 
 
+def test_double_backward_raises_on_the_torch_path():
+    # The eager torch path saves std without its graph: second derivatives would miss terms.
+    mu, lv = (t.requires_grad_() for t in make((2, 3)))
+    z, kl = reparameterize(mu, lv, seed=0, backend="torch")
+    with pytest.raises(RuntimeError, match="reparameterize does not support double backward"):
+        torch.autograd.grad(kl.sum() + z.pow(2).sum(), (mu, lv), create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_and_vmap_run_the_reference_math(backend):
+    mu, lv = make((4, 3))
+    tmu, tlv = make((4, 3), seed=1)
+    (z, kl), (dz, dkl) = torch.func.jvp(
+        lambda m, v: reparameterize(m, v, seed=7, backend=backend), (mu, lv), (tmu, tlv))
+    # The noise is the torch path's for the seed (recovered from z itself: mu = 0, logvar = 0).
+    eps = noise(mu.shape, 7, "torch")
+    ref = torch.func.jvp(lambda m, v: reparameterize_reference(m, v, eps.double()),
+                         (mu.double(), lv.double()), (tmu.double(), tlv.double()))
+    for got, want in zip((z, kl, dz, dkl), (*ref[0], *ref[1])):
+        assert_close(got, want, torch.float32, k=3, scale=max(1.0, float(want.abs().max())))
+    # vmap follows torch's randomness setting, which refuses random ops by default.
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda m, v: reparameterize(m, v, seed=7, backend=backend))(mu, lv)
+
+
 def test_reference_with_explicit_noise():
     mu, lv = make((8, 5), seed=6, lv_scale=3.0)
     eps = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))

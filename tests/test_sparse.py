@@ -193,11 +193,20 @@ def test_kl_sparsity_rejects_rho_of_wrong_type(rho):
         kl_sparsity(torch.rand(4, 3), rho)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_sparsity_nan_in_nan_out(backend):
+    h = _h((6, 4), seed=5)
+    h[2, 1] = float("nan")
+    assert kl_sparsity(h, 0.05, backend=backend).isnan()
+
+
 def test_kl_sparsity_rejects_bad_h():
     with pytest.raises(TypeError, match="h must be a torch.Tensor, got list"):
         kl_sparsity([[0.1, 0.2]], 0.05)
-    with pytest.raises(TypeError, match="h must be a floating point tensor.*torch.int64"):
+    with pytest.raises(TypeError, match="h must be a float32, .*got torch.int64"):
         kl_sparsity(torch.ones(3, 2, dtype=torch.int64), 0.05)
+    with pytest.raises(TypeError, match="h must be a float32, .*got torch.float8_e4m3fn"):
+        kl_sparsity(torch.rand(3, 2).to(torch.float8_e4m3fn), 0.05)
     with pytest.raises(ValueError, match=r"h must be 2-D \(batch, hidden\), got shape \(5,\)"):
         kl_sparsity(torch.rand(5), 0.05)
     with pytest.raises(ValueError, match=r"h must be 2-D .* got shape \(2, 3, 4\)"):

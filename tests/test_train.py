@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,24 @@ def test_nan_loss_stops_with_clear_message(digits, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 4, step 1.*last good"):
         trainer.fit(digits[:200], resume=True)
     assert latest_checkpoint(tmp_path) == good
+
+
+def test_divergence_message_warns_nothing(digits):
+    # The diverged loss still requires grad: turning it into the message's number must not
+    # make torch warn about converting such a tensor.
+    model = _model()
+    model.loss = lambda x, y=None, target=None: {"loss": model(x).sum() * float("nan")}
+    trainer = Trainer(model, epochs=1, progress=False)
+    # torch gives that warning once per process unless told to always warn.
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 1"):
+                trainer.fit(digits[:200])
+    finally:
+        torch.set_warn_always(always)
 
 
 def test_nan_weights_after_an_epochs_last_step_are_never_checkpointed(digits, tmp_path):

@@ -338,6 +338,69 @@ def test_flat_models_sample_in_their_training_images_shape(tmp_path, capsys):
     assert not (tmp_path / "s.jpg").exists()
 
 
+def test_sample_grid_draws_samples_in_the_training_datas_units(tmp_path):
+    from aecore.normalization import Normalization
+
+    raw = data.load_digits().x_train.reshape(-1, 64)  # pixel values 0..16
+    torch.manual_seed(0)
+    model = VAE(64, [16], 2, likelihood="gaussian").eval()
+    draw = model.sample(16, generator=torch.Generator().manual_seed(3)).numpy()
+
+    # Per-feature standardisation (a flat table): model-space values are z-scores. They are
+    # mapped back to pixel values, then by the grid's range onto [0, 1].
+    model.normalization = Normalization.fit(raw)
+    pixels = model.normalization.invert(draw)
+    assert pixels.min() < 0 or pixels.max() > 1
+    expected = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    imgs = sample_grid(model, 16, tmp_path / "a.png", seed=3)
+    np.testing.assert_allclose(imgs, expected.reshape(16, 8, 8), atol=1e-6)
+    assert imgs.min() == 0.0 and imgs.max() == pytest.approx(1.0)
+
+    # Raw values already in [0, 1] are drawn as they are.
+    model.normalization = Normalization(mean=(0.5 - 0.1 * draw.mean(0)).tolist(), std=0.1)
+    pixels = model.normalization.invert(draw)
+    assert 0 <= pixels.min() and pixels.max() <= 1
+    imgs = sample_grid(model, 16, tmp_path / "b.png", seed=3)
+    np.testing.assert_allclose(imgs, pixels.reshape(16, 8, 8), atol=1e-6)
+
+    # One scale for all pixels (an image data set's: 0..16 onto [0, 1]): model space, clipped.
+    model.normalization = Normalization(mean=0.0, std=16.0)
+    imgs = sample_grid(model, 16, tmp_path / "c.png", seed=3)
+    np.testing.assert_array_equal(imgs, np.clip(draw, 0, 1).reshape(16, 8, 8))
+
+
+def test_cli_sample_of_a_flat_table_and_its_image_shape(tmp_path, capsys):
+    from aecore.cli import main
+
+    # A flat table of 8x8 digits, pixel values 0..16: trained with per-feature standardisation.
+    np.save(tmp_path / "flat.npy", data.load_digits().x_train.reshape(-1, 64)[:200])
+    assert main(["train", "--model", "vae", "--data", str(tmp_path / "flat.npy"), "--epochs",
+                 "1", "--hidden", "16", "--quiet", "--out", str(tmp_path / "m")]) == 0
+    assert main(["sample", str(tmp_path / "m"), "--n", "4", "--out",
+                 str(tmp_path / "s.png")]) == 0
+    model = load_model(tmp_path / "m")
+    imgs = sample_grid(model, 4, tmp_path / "t.png")
+    assert imgs.min() == 0.0 and imgs.max() == pytest.approx(1.0)  # not clipped z-scores
+    assert main(["sample", str(tmp_path / "m"), "--n", "4", "--image-shape", "4,16", "--out",
+                 str(tmp_path / "w.png")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "m"), "--image-shape", "5,16", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "--image-shape must be H,W or C,H,W of 64 values (the model's input), got 5,16" \
+        in capsys.readouterr().err
+
+    # 48 features are no square image: the CLI says which flag draws them.
+    np.save(tmp_path / "wide.npy", np.random.default_rng(0).random((40, 48)).astype(np.float32))
+    assert main(["train", "--model", "vae", "--data", str(tmp_path / "wide.npy"), "--epochs",
+                 "1", "--hidden", "16", "--quiet", "--out", str(tmp_path / "w")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "w"), "--out", str(tmp_path / "y.png")]) == 2
+    assert "pass --image-shape H,W (or C,H,W)" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "w"), "--image-shape", "6,8", "--out",
+                 str(tmp_path / "y.png")]) == 0
+    assert (tmp_path / "y.png").is_file()
+
+
 def test_sample_grid_rows_are_classes(tmp_path, monkeypatch):
     # Without a label, row r of the 8-wide grid is class r % num_classes.
     cvae = ConditionalVAE(2, 64, [8], 2)

@@ -94,6 +94,20 @@ def test_ties_go_to_lowest_index(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_codes_are_never_nearest(backend, bad):
+    g = torch.Generator().manual_seed(0)
+    x, codebook = torch.randn(7, 3, generator=g), torch.randn(6, 3, generator=g)
+    codebook[[1, 4], 0] = bad
+    codebook[4, 2] = bad
+    finite = [0, 2, 3, 5]
+    expected = torch.tensor(finite)[torch.cdist(x.double(), codebook[finite].double()).argmin(1)]
+    idx, dist = vq_nearest(x, codebook, backend=backend)
+    assert torch.equal(idx, expected)
+    assert_close(dist, (x - codebook[expected]).pow(2).sum(1), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_no_grad(backend):
     codebook = torch.randn(5, 3, requires_grad=True)
     idx, dist = vq_nearest(torch.zeros(0, 3), codebook, backend=backend)

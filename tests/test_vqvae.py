@@ -182,6 +182,39 @@ def test_loss_reports_batch_perplexity(digits):
         perplexity(model.codes(digits[:16]), model.num_codes).item())
 
 
+def test_loss_statistics_count_the_batchs_codes(digits):
+    model = _model().eval()
+    x = digits[:16]
+    terms, stats = model.loss_and_statistics(x)
+    assert set(stats) == {"code_counts"}
+    assert torch.equal(stats["code_counts"],
+                       torch.bincount(model.codes(x).reshape(-1), minlength=model.num_codes))
+    for k, v in model.loss(x).items():
+        assert torch.equal(v, terms[k]), k
+    assert model.pooled_terms(stats)["perplexity"].item() == pytest.approx(
+        terms["perplexity"].item())
+
+
+@pytest.mark.parametrize("batch_size", [7, 64, 512, 5000])
+def test_evaluate_reports_the_whole_sets_perplexity(digits, batch_size):
+    from aecore.train import evaluate
+
+    # Small batches see fewer of the codes the set uses: the mean of per-batch perplexities
+    # falls short of the whole set's, and varies with the batch size.
+    model = _model().eval()
+    x = digits[:1000]
+    whole = perplexity(model.codes(x), model.num_codes).item()
+    batch_mean = sum(perplexity(model.codes(x[i:i + 7]), model.num_codes).item() * len(
+        x[i:i + 7]) for i in range(0, len(x), 7)) / len(x)
+    assert batch_mean < whole - 0.5
+    result = evaluate(model, x, batch_size=batch_size)
+    assert result["perplexity"] == pytest.approx(whole, rel=1e-6)
+    # The other terms stay means over samples.
+    assert result["recon"] == pytest.approx(evaluate(model, x, batch_size=1000)["recon"],
+                                            rel=1e-5)
+    assert not model.training
+
+
 @pytest.mark.parametrize("ema", [False, True])
 def test_training_on_digits_lowers_the_loss(digits, ema):
     model = _model(ema=ema, dead_after=10).train()
