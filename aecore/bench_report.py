@@ -68,13 +68,19 @@ def run_suite(out: Path, quick: bool, only: str | None) -> dict:
     if not BENCH_DIR.is_dir():
         raise FileNotFoundError(f"benchmarks live in a source checkout; {BENCH_DIR} is missing")
     raw = out / "raw.json"
+    # pytest-benchmark writes no JSON when nothing runs: a file left by an earlier run would
+    # pass for this one's results.
+    raw.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR), "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={raw}", "-s"]
     if only:
         cmd += ["-k", only]
     env = {**os.environ, "AECORE_BENCH_QUICK": "1" if quick else "0"}
     proc = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent)
-    if proc.returncode not in (0, 5) or not raw.is_file():
+    if proc.returncode == 5:
+        raise ValueError(f"no benchmark matched --only {only!r}" if only
+                         else "no benchmark was collected")
+    if proc.returncode != 0 or not raw.is_file():
         raise RuntimeError(f"the benchmark suite failed (pytest exit code {proc.returncode})")
     return json.loads(raw.read_text())
 

@@ -182,27 +182,29 @@ class LatentIndex:
                 break
             m = min(len(self), 2 * m)
         del score
-        return self._rerank(q, qk, cand, k)
+        return self._rerank(q, cand, k)
 
-    def _rerank(self, q: torch.Tensor, qk: torch.Tensor, cand: torch.Tensor, k: int
+    def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest of each query's candidates (q, m), by distances from differences:
         |q - g| (l2), |u_q - u_g|^2 / 2 = 1 - cos of the unit codes (cosine), exact where
-        the expanded forms cancel. Blocks of queries keep the (block, m, D) differences within
-        CHUNK_SCORES."""
+        the expanded forms cancel. Cosine normalises in float64: float32 unit vectors would
+        round away angles below ~1e-7 (a tight cluster far from the origin). Blocks of queries
+        keep the (block, m, D) differences within CHUNK_SCORES."""
         step = max(1, CHUNK_SCORES // (cand.shape[1] * self.dim))
         dists, idx = [], []
         for i in range(0, len(q), step):
             c = cand[i:i + step]
             if self.metric == "cosine":
-                u = qk[i:i + step]
-                d = (self._keys[c] - u[:, None, :]).pow(2).sum(dim=2).mul_(0.5)
+                u = _unit(q[i:i + step].double())
+                d = (_unit(self.codes[c].reshape(-1, self.dim).double()).view(*c.shape, -1)
+                     - u[:, None, :]).pow(2).sum(dim=2).mul_(0.5)
                 zero = self._zero[c] | (_norms(q[i:i + step]) < torch.finfo(torch.float32).tiny)
                 d = d.masked_fill_(zero, 1.0).clamp_(0.0, 2.0)
             else:
                 d = (self.codes[c] - q[i:i + step, None, :]).pow(2).sum(dim=2)
             d, order = torch.topk(d, k, dim=1, largest=False)
-            dists.append(d if self.metric == "cosine" else d.sqrt_())
+            dists.append(d.float() if self.metric == "cosine" else d.sqrt_())
             idx.append(c.gather(1, order))
         return torch.cat(dists), torch.cat(idx)
 

@@ -55,6 +55,6 @@ def bench_train_step(benchmark, digits, name):
             torch.cuda.synchronize()  # the first step's kernels, not only their launch
         compile_s = time.perf_counter() - t0
         fns["compile"] = compiled
-    params = sum(p.numel() for p in eager_model.parameters())
+    # No size: the families are not a sweep of one workload, so no time-vs-size plot.
     run_case(benchmark, fns, rounds=10 if quick() else 30, kernel="train_step",
-             case=f"{name} B{BATCH}", mode="full", compile_s=compile_s, size=params)
+             case=f"{name} B{BATCH}", mode="full", compile_s=compile_s)

@@ -1,7 +1,11 @@
 """The benchmark report renders pytest-benchmark output into markdown tables and plots."""
 
+import subprocess
+
+import pytest
 import torch
 
+from aecore import bench_report
 from aecore.bench_report import measure_ceilings, plot, render
 
 
@@ -106,3 +110,15 @@ def test_vq_compile_time_includes_the_whole_compile():
     vq.bench_vq_nearest(bench, (64, 16, 4))
     assert counters["stats"]["unique_graphs"] - before == 1
     assert bench.extra_info["compile_s"] > 0
+
+
+def test_a_run_that_selects_nothing_never_reports_an_earlier_runs_results(tmp_path,
+                                                                          monkeypatch):
+    # pytest exits 5 when -k selects no benchmark and writes no JSON: the one an earlier run
+    # left must not come back as this run's.
+    (tmp_path / "raw.json").write_text('{"benchmarks": [{"extra_info": {"kernel": "old"}}]}')
+    monkeypatch.setattr(bench_report.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 5))
+    with pytest.raises(ValueError, match="no benchmark matched --only 'typo'"):
+        bench_report.run_suite(tmp_path, True, "typo")
+    assert not (tmp_path / "raw.json").exists()
