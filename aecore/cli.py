@@ -176,25 +176,18 @@ def _cmd_train(args) -> int:
 
 def _cmd_sample(args) -> int:
     from aecore.io import check_output, load_model, read_config
-    from aecore.vae import VAE, sample_grid
+    from aecore.vae import VAE, grid_shape, sample_grid
 
     _check_seed(args.seed)
     check_output(args.out, ".png")
     model = load_model(args.model_dir)
-    size = math.prod(model.input_shape)
-    if args.image_shape is not None:
-        if len(args.image_shape) not in (2, 3) or math.prod(args.image_shape) != size:
-            raise ValueError(f"--image-shape must be H,W or C,H,W of {size} values (the model's "
-                             f"input), got {','.join(map(str, args.image_shape))}")
-        shape = args.image_shape
-    else:
+    shape = args.image_shape
+    if shape is None:
         # A flat model of images draws them in the shape of its training data's samples.
         shape = read_config(args.model_dir).get("sample_shape")
         shape = shape if isinstance(shape, list) and len(shape) == 3 else None
-        if (shape is None and isinstance(model, VAE) and len(model.input_shape) == 1
-                and math.isqrt(size) ** 2 != size):
-            raise ValueError(f"the model's {size} inputs do not form a square image: pass "
-                             "--image-shape H,W (or C,H,W) to say how to draw them")
+    if isinstance(model, VAE):
+        grid_shape(model, shape, "--image-shape")  # the errors in the flag's name
     sample_grid(model, args.n, args.out, label=args.label, seed=args.seed, image_shape=shape)
     print(f"wrote {args.out}")
     return 0

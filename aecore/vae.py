@@ -384,20 +384,23 @@ class ConditionalVAE(VAE):
         return {"num_classes": self.num_classes, **super().config()}
 
 
-def _image_shape(model: VAE, image_shape: Sequence[int] | None) -> tuple[int, ...]:
+def grid_shape(model: VAE, image_shape: Sequence[int] | None = None,
+               name: str = "image_shape") -> tuple[int, ...]:
+    """The shape :func:`sample_grid` draws ``model``'s samples in: (C, H, W) for an image
+    model, ``image_shape`` or a square for a flat one. Errors name ``name``."""
     if len(model.input_shape) == 3:
         return tuple(model.input_shape)
     size = model.input_shape[0]
     if image_shape is not None:
         shape = tuple(int(v) for v in image_shape)
         if len(shape) not in (2, 3) or math.prod(shape) != size:
-            raise ValueError(f"image_shape must be (H, W) or (C, H, W) of {size} values (the "
+            raise ValueError(f"{name} must be (H, W) or (C, H, W) of {size} values (the "
                              f"model's input), got {tuple(image_shape)}")
         return shape
     side = math.isqrt(size)
     if side * side != size:
         raise ValueError(f"model must produce images: input_shape {model.input_shape} is "
-                         "neither (C, H, W) nor a square number of pixels; pass image_shape")
+                         f"neither (C, H, W) nor a square number of pixels; pass {name}")
     return (side, side)
 
 
@@ -425,7 +428,7 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
     n = _positive_int("n", n)
-    shape = _image_shape(model, image_shape)
+    shape = grid_shape(model, image_shape)
     nrow = 8  # the grid's width
     labels = None
     if model.num_classes:

@@ -380,9 +380,8 @@ def test_cli_quantize_of_a_conditional_model_says_it_takes_single_inputs(saved, 
     assert not out.exists()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_unwritable_out_is_named_before_the_work(saved, tmp_path, capsys, monkeypatch):
-    # /proc refuses new files even to root, whom file modes would not stop.
+    # Linux's /proc refuses new files even to root, whom file modes would not stop.
     import aecore.export.onnx_export as onnx_export
 
     def never(*args, **kwargs):

@@ -386,8 +386,8 @@ def test_cli_sample_of_a_flat_table_and_its_image_shape(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(tmp_path / "m"), "--image-shape", "5,16", "--out",
                  str(tmp_path / "x.png")]) == 2
-    assert "--image-shape must be H,W or C,H,W of 64 values (the model's input), got 5,16" \
-        in capsys.readouterr().err
+    assert "--image-shape must be (H, W) or (C, H, W) of 64 values (the model's input), got " \
+        "(5, 16)" in capsys.readouterr().err
 
     # 48 features are no square image: the CLI says which flag draws them.
     np.save(tmp_path / "wide.npy", np.random.default_rng(0).random((40, 48)).astype(np.float32))
@@ -395,7 +395,7 @@ def test_cli_sample_of_a_flat_table_and_its_image_shape(tmp_path, capsys):
                  "1", "--hidden", "16", "--quiet", "--out", str(tmp_path / "w")]) == 0
     capsys.readouterr()
     assert main(["sample", str(tmp_path / "w"), "--out", str(tmp_path / "y.png")]) == 2
-    assert "pass --image-shape H,W (or C,H,W)" in capsys.readouterr().err
+    assert "square number of pixels; pass --image-shape" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "w"), "--image-shape", "6,8", "--out",
                  str(tmp_path / "y.png")]) == 0
     assert (tmp_path / "y.png").is_file()
