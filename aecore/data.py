@@ -230,12 +230,31 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
                    None, interactions=True)
 
 
+def _read_csv(path: Path) -> np.ndarray:
+    """A numeric comma-separated table (N, F) as float64; a first row that is not all numbers
+    is a header and is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        [float(v) for v in first.split(",")]
+        header = 0
+    except ValueError:
+        header = 1
+    try:
+        return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=header,
+                          encoding="utf-8")
+    except ValueError as e:  # numpy names the bad value and the row
+        raise ValueError(f"data file {str(path)!r} must be a numeric CSV table (one header "
+                         f"row allowed): {e}") from None
+
+
 def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
                label_column: int | None = None) -> Dataset:
-    """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F), optionally with a
-    label column of class ids. Tabular data gets per-feature standardisation fitted on the train
-    split; (N, H, W) / (N, C, H, W) arrays are treated as images and scaled to [0, 1] by the
-    train split's range (by its max alone when it has no negative values)."""
+    """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F; a header row is
+    skipped), optionally with a label column of class ids. Tabular data gets per-feature
+    standardisation fitted on the train split; (N, H, W) / (N, C, H, W) arrays are treated as
+    images and scaled to [0, 1] by the train split's range (by its max alone when it has no
+    negative values)."""
     from aecore.io import load_npy
 
     path = Path(path)
@@ -244,7 +263,7 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     if path.suffix == ".npy":
         x = load_npy(path, f"data file {str(path)!r}")
     elif path.suffix == ".csv":
-        x = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        x = _read_csv(path)
     else:
         raise ValueError(f"data file must be .npy or .csv, got {str(path)!r}")
     if x.ndim < 2 or len(x) < 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +129,9 @@ class Trainer:
         self.batch_size, self.epochs = batch_size, epochs
         self.val_fraction, self.seed, self.patience = val_fraction, seed, patience
         self.corruption = corruption
+        if amp and self.device.type != "cuda":
+            warnings.warn(f"amp applies bf16 autocast on CUDA only; training on "
+                          f"{self.device.type} runs in float32", stacklevel=2)
         self.amp = amp and self.device.type == "cuda"
         self.progress = progress
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

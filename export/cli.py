@@ -19,20 +19,22 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _calibration(model_dir, model, part: str, calibration: str | None) -> np.ndarray:
-    """Calibration inputs of ``part`` for static int8. From --calibration: raw data (the
-    training data's units) for parts that take x, codes or noise as given for the decoder and
-    generator. Without it: 512 training samples of the model's data set, encoded for the
-    decoder; standard normal noise for the generator."""
+def _part_inputs(model_dir, model, part: str, path: str | None = None, split: str = "train",
+                 n: int = 512) -> np.ndarray | None:
+    """Inputs of ``part`` as its ONNX file takes them. From ``path`` (--calibration): raw data
+    (the training data's units) for parts that take x, codes or noise as given for the decoder
+    and generator. Without it: the first ``n`` samples of the ``split`` of the model's data
+    set, encoded for the decoder; standard normal noise for the generator; None when the
+    model's config names no data set."""
     import torch
 
     from aecore.io import read_config
 
-    if part == "generator" and calibration is None:
-        return np.random.default_rng(0).standard_normal((512, model.latent_dim),
+    if part == "generator" and path is None:
+        return np.random.default_rng(0).standard_normal((n, model.latent_dim),
                                                         dtype=np.float32)
-    if calibration is not None:
-        raw = load_npy(calibration, "--calibration")
+    if path is not None:
+        raw = load_npy(path, "--calibration")
         if part in ("decoder", "generator"):
             return np.asarray(raw, np.float32)
     else:
@@ -40,8 +42,9 @@ def _calibration(model_dir, model, part: str, calibration: str | None) -> np.nda
 
         config = read_config(model_dir)
         if config.get("data") is None:
-            raise ValueError("static quantization needs --calibration FILE.npy (raw inputs)")
-        raw = datasets.load(config["data"], root=config.get("data_root")).x_train[:512]
+            return None
+        ds = datasets.load(config["data"], root=config.get("data_root"))
+        raw = (ds.x_train if split == "train" else ds.x_test)[:n]
     size = int(np.prod(model.input_shape))
     if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:
         raise ValueError(f"--calibration must hold samples of shape {tuple(model.input_shape)} "
@@ -91,13 +94,28 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         to_onnx(model, fp32, part=part, threshold=threshold, k=k)
-        calib = (_calibration(model_dir, model, part, calibration) if quantize == "static"
-                 else None)
-        report = quantize_fn(fp32, out, mode=quantize, calibration=calib)
+        calib = None
+        if quantize == "static":
+            calib = _part_inputs(model_dir, model, part, calibration)
+            if calib is None:
+                raise ValueError("static quantization needs --calibration FILE.npy (raw "
+                                 "inputs): the model's config names no data set")
+        # The report compares the two files on held-out data where the model has any.
+        try:
+            held_out = _part_inputs(model_dir, model, part, split="test", n=256)
+        except FileNotFoundError as e:
+            print(f"note: the report runs random inputs; the model's data set is missing ({e})")
+            held_out = None
+        report = quantize_fn(fp32, out, mode=quantize, calibration=calib, inputs=held_out)
     print(f"wrote {out} ({quantize}): {report['dst_bytes']} bytes, "
           f"{100 * report['size_ratio']:.0f}% of fp32; max abs error vs fp32 "
           f"{report['max_abs_error']:.3g}; latency {report['dst_latency_s'] * 1e6:.0f} us vs "
           f"{report['src_latency_s'] * 1e6:.0f} us")
+    if "topk_overlap" in report:
+        print(f"  top-k lists share {100 * report['topk_overlap']:.1f}% of their items with "
+              "fp32's")
+    if "flag_agreement" in report:
+        print(f"  flags agree with fp32's on {100 * report['flag_agreement']:.1f}% of inputs")
     return report
 
 

@@ -41,6 +41,16 @@ def _samples(a, name: str, dims: list[int]) -> np.ndarray:
     return a
 
 
+def topk_overlap(want_items: np.ndarray, want_scores: np.ndarray,
+                 got_items: np.ndarray) -> float:
+    """Mean share of each row's top-k items (N, k) that ``got_items`` (N, k) also lists,
+    counting only the slots ``want_scores`` (N, k) scores finitely (-inf slots of users with
+    fewer than k unseen items hold no recommendation). NaN when no slot is finite."""
+    shares = [np.isin(w[np.isfinite(s)], g).mean()
+              for w, s, g in zip(want_items, want_scores, got_items) if np.isfinite(s).any()]
+    return float(np.mean(shares)) if shares else float("nan")
+
+
 def _median_latency(session, feed: dict, reps: int = 20) -> float:
     session.run(None, feed)
     times = []
@@ -59,7 +69,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     error (of the first floating output: a recommender's scores) and latency are measured on
     ``inputs`` (default: the calibration set, else random inputs in [0, 1], 0/1 rows for a
     recommender). Returns {"mode", "src_bytes", "dst_bytes", "size_ratio",
-    "max_abs_error", "mean_abs_error", "src_latency_s", "dst_latency_s"}.
+    "max_abs_error", "mean_abs_error", "src_latency_s", "dst_latency_s"}, and for a
+    recommender "topk_overlap" (:func:`topk_overlap` of the two files' lists), for a scorer
+    "flag_agreement" (the share of inputs both flag alike).
     """
     import onnxruntime as ort
 
@@ -128,7 +140,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     # The error is measured on the first floating output (a recommender's scores, not its
     # item indices); -inf scores (users without k unseen items) must match exactly.
     out = next(i for i, o in enumerate(ref.get_outputs()) if "float" in o.type)
-    want, got = ref.run(None, feed)[out].astype(np.float64), new.run(None, feed)[out]
+    want_all, got_all = ref.run(None, feed), new.run(None, feed)
+    want, got = want_all[out].astype(np.float64), got_all[out]
     same_inf = np.isinf(want) & (got == want)
     err = np.where(same_inf, 0.0, np.abs(got.astype(np.float64) - want))
     report = {
@@ -141,5 +154,10 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
         "src_latency_s": _median_latency(ref, feed),
         "dst_latency_s": _median_latency(new, feed),
     }
+    # What the part's user acts on: a recommender's top-k lists, a scorer's flags.
+    if props.get("part") == "recommender":
+        report["topk_overlap"] = topk_overlap(want_all[0], want_all[1], got_all[0])
+    elif props.get("part") == "scorer":
+        report["flag_agreement"] = float(np.mean(want_all[1] == got_all[1]))
     write_bytes(dst, data)
     return report

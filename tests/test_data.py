@@ -93,6 +93,15 @@ def test_user_arrays(tmp_path):
     np.savetxt(tmp_path / "t.csv", np.c_[table, rng.integers(0, 3, 50)], delimiter=",")
     c = data.load_array(tmp_path / "t.csv", label_column=4)
     assert c.sample_shape == (4,) and c.num_classes is not None
+    # A header row (as spreadsheets and pandas write) is skipped; the table is the same.
+    np.savetxt(tmp_path / "h.csv", np.c_[table, rng.integers(0, 3, 50)], delimiter=",",
+               header="a,b,c,d,label", comments="")
+    h = data.load_array(tmp_path / "h.csv", label_column=4)
+    np.testing.assert_array_equal(h.x_train, c.x_train)
+    # Text anywhere else is an error that names the file and the value.
+    (tmp_path / "bad.csv").write_text("1,2\n3,x\n5,6\n")
+    with pytest.raises(ValueError, match=r"bad.csv' must be a numeric CSV table .*'x'"):
+        data.load_array(tmp_path / "bad.csv")
     imgs = rng.integers(0, 200, (20, 6, 6)).astype(np.float32)
     np.save(tmp_path / "imgs.npy", imgs)
     i = data.load(str(tmp_path / "imgs.npy"))

@@ -401,3 +401,56 @@ def test_unwritable_out_is_named_before_the_work(saved, tmp_path, capsys, monkey
                                       "the folder '/proc'") as e:
         write_bytes("/proc/b.bin", b"1")
     assert ".tmp" not in str(e.value)
+
+
+def test_topk_overlap_counts_shared_items_of_finite_slots():
+    from aecore.export.quantize import topk_overlap
+
+    want = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    scores = np.array([[3.0, 2.0, 1.0], [1.0, -np.inf, -np.inf], [-np.inf] * 3])
+    got = np.array([[2, 9, 0], [3, 1, 2], [0, 1, 2]])
+    # Row 0 shares 2 of 3, row 1 its one finite slot, row 2 has none and is left out.
+    assert topk_overlap(want, scores, got) == pytest.approx((2 / 3 + 1) / 2)
+    assert np.isnan(topk_overlap(want[2:], scores[2:], got[2:]))
+
+
+def test_quantize_reports_what_a_scorer_and_a_recommender_act_on(tmp_path):
+    from aecore.export.quantize import topk_overlap
+
+    model = _small().eval()
+    x = load_digits().x_test[:200].reshape(-1, 64)
+    src = to_onnx(model, tmp_path / "s.onnx", part="scorer", threshold=0.05)
+    report = quantize(src, tmp_path / "s8.onnx", mode="dynamic", inputs=x)
+    want, got = Model(src).run_all(x), Model(tmp_path / "s8.onnx").run_all(x)
+    assert 0.5 < report["flag_agreement"] <= 1
+    assert report["flag_agreement"] == np.mean(want["is_anomaly"] == got["is_anomaly"])
+    assert "topk_overlap" not in report
+
+    rows = (x > 0.5).astype(np.float32)
+    src = to_onnx(model, tmp_path / "r.onnx", part="recommender", k=5)
+    report = quantize(src, tmp_path / "r8.onnx", mode="dynamic", inputs=rows)
+    want, got = Model(src).run_all(rows), Model(tmp_path / "r8.onnx").run_all(rows)
+    assert report["topk_overlap"] == topk_overlap(want["items"], want["scores"], got["items"])
+    assert 0.5 < report["topk_overlap"] <= 1 and "flag_agreement" not in report
+
+
+def test_cli_quantize_reports_on_the_held_out_split(saved, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    q = importlib.import_module("aecore.export.quantize")  # the module, not the function
+    seen = {}
+    real = q.quantize
+
+    def spy(*args, **kwargs):
+        seen["inputs"] = kwargs["inputs"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, "quantize", spy)
+    out = tmp_path / "scorer.onnx"
+    assert main(["export", str(saved / "ae"), "--part", "scorer", "--threshold", "0.05",
+                 "--out", str(out), "--quantize", "dynamic"]) == 0
+    test = load_digits().x_test[:256].reshape(-1, 64)
+    model = _small()
+    np.testing.assert_array_equal(seen["inputs"], model.normalization.apply(test)
+                                  if model.normalization is not None else test)
+    assert "flags agree with fp32's on" in capsys.readouterr().out

@@ -53,6 +53,10 @@ def test_bad_trainer_and_evaluate_arguments():
             Trainer(_model(), progress=False, **kw)
     with pytest.raises(ValueError, match="x holds no samples"):
         evaluate(_model(), np.zeros((0, 64), np.float32))
+    # A flag that cannot apply says so rather than being dropped without a word.
+    with pytest.warns(UserWarning, match="amp applies bf16 autocast on CUDA only; training "
+                                         "on cpu runs in float32"):
+        assert not Trainer(_model(), progress=False, amp=True, device="cpu").amp
 
 
 def test_same_seed_same_run(digits):
