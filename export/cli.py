@@ -152,8 +152,8 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
 
     The model's normalisation (from its metadata) is applied to the inputs and inverted on
     reconstructions. A conditional model also takes ``labels_path``, a .npy of int class ids
-    (one per sample). The first output goes to ``out_path``; further outputs beside it as
-    ``<stem>.<name>.npy``.
+    (one per sample). The first output goes to ``out_path`` (an autoencoder's reconstructions
+    in the input's layout); further outputs beside it as ``<stem>.<name>.npy``.
     """
     from aecore.export.runtime import Model
     from aecore.normalization import Normalization
@@ -169,7 +169,8 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
     paths = [out_path.with_suffix(f".{name}.npy") for name in model.output_names[1:]]
     for p in (out_path, *paths):
         check_output(p, ".npy", (model_path, input_path, labels_path))
-    x = _infer_inputs(model, load_npy(input_path, "input"), input_path, normalize)
+    raw = load_npy(input_path, "input")
+    x = _infer_inputs(model, raw, input_path, normalize)
     extra = ()
     if conditional:
         labels = load_npy(labels_path, "--labels")
@@ -178,9 +179,12 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
         extra = (np.atleast_1d(labels).astype(np.int64),)
     norm = model.metadata.get("normalization") if normalize else None
     outputs = model.run_all(x, *extra)
+    first = model.output_names[0]
     if norm and model.metadata.get("part") in ("autoencoder", "decoder", "generator"):
-        name = model.output_names[0]
-        outputs[name] = Normalization.from_dict(norm).invert(outputs[name])
+        outputs[first] = Normalization.from_dict(norm).invert(outputs[first])
+    if model.metadata.get("part") == "autoencoder" and outputs[first].size == raw.size:
+        # Reconstructions in the input's layout, as aecore denoise writes them.
+        outputs[first] = outputs[first].reshape(raw.shape)
     for path, value in zip((out_path, *paths), outputs.values()):
         save_npy(path, value)
     print(f"wrote {out_path}: " + json.dumps({k: list(v.shape) for k, v in outputs.items()}))

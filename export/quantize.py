@@ -41,6 +41,9 @@ def _samples(a, name: str, dims: list[int]) -> np.ndarray:
     return a
 
 
+LAYER_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]  # the ops that hold weights
+
+
 def topk_overlap(want_items: np.ndarray, want_scores: np.ndarray,
                  got_items: np.ndarray) -> float:
     """Mean share of each row's top-k items (N, k) that ``got_items`` (N, k) also lists,
@@ -114,9 +117,14 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
         elif mode == "static":
             from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+            # A recommender ranks its scores: quantizing its softmax and seen-item mask ahead
+            # of TopK turns close scores into ties (a MovieLens VAE's top-10 lists kept 72% of
+            # fp32's items against 96% with its layers alone quantized).
+            layers = ({"op_types_to_quantize": LAYER_OPS}
+                      if props.get("part") == "recommender" else {})
             quantize_static(str(src), str(out), _Reader(first.name, calibration),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+                            weight_type=QuantType.QInt8, **layers)
         else:
             from onnxruntime.transformers.float16 import (
                 DEFAULT_OP_BLOCK_LIST,

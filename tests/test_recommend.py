@@ -270,6 +270,21 @@ def test_quantized_recommender_reports_the_error_of_its_scores(tmp_path):
     assert 0 < default["max_abs_error"] < 1
 
 
+def test_static_int8_recommender_keeps_its_rankings(tmp_path):
+    """Static int8 quantizes the recommender's layers only: with its softmax quantized too, the
+    scores of 300 items collapsed into ties and no top-10 item matched fp32's."""
+    from aecore.export import quantize
+
+    torch.manual_seed(0)
+    model = VAE(300, hidden_dims=(64,), latent_dim=8, activation="tanh",
+                likelihood="multinomial").eval()
+    rows = (np.random.default_rng(0).random((512, 300)) < 0.1).astype(np.float32)
+    src = to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=10)
+    report = quantize(src, tmp_path / "rec-int8.onnx", mode="static", calibration=rows[:256],
+                      inputs=rows[256:])
+    assert report["topk_overlap"] > 0.95
+
+
 def test_movielens_loader_reads_grouplens_files_and_rejects_others(tmp_path):
     lines = [f"{u}\t{i}\t{r}\t88125{u}{i}" for u, i, r in
              [(1, 1, 5), (1, 2, 4), (1, 3, 3), (1, 4, 5), (1, 5, 4), (1, 6, 4),
