@@ -7,6 +7,7 @@ training across processes started by ``torchrun`` (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import time
@@ -43,11 +44,19 @@ def _as_tensor(a, name: str, dtype=None) -> torch.Tensor | None:
     return a.to(dtype) if dtype is not None else a
 
 
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world_size); joins the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Torch asks for a group to be destroyed before exit rather than left to interpreter
+        # teardown, where its threads are torn down in no set order.
+        atexit.register(_leave_group)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
