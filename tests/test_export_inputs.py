@@ -456,3 +456,10 @@ def test_cli_quantize_reports_on_the_held_out_split(saved, tmp_path, monkeypatch
     np.testing.assert_array_equal(seen["inputs"], model.normalization.apply(test)
                                   if model.normalization is not None else test)
     assert "flags agree with fp32's on" in capsys.readouterr().out
+    # The split is the training run's: its seed drew it.
+    save_model(_small().eval(), tmp_path / "seeded", extra={"data": "digits", "seed": 3})
+    assert main(["export", str(tmp_path / "seeded"), "--part", "encoder", "--out",
+                 str(tmp_path / "e.onnx"), "--quantize", "dynamic"]) == 0
+    test = load_digits(seed=3).x_test[:256].reshape(-1, 64)
+    np.testing.assert_array_equal(seen["inputs"], model.normalization.apply(test)
+                                  if model.normalization is not None else test)
