@@ -1,7 +1,7 @@
 """VAE quality on Fashion-MNIST: test ELBO and importance-weighted log-likelihood, plus a
 conditional VAE's samples per class.
 
-    python bench/vae_quality.py --out cvae_samples.png [--epochs 10] [--cvae-epochs 5]
+    python bench/vae_quality.py --out cvae_samples.png [--epochs 10] [--cvae-epochs 10]
 
 Trains a 784-512-256-32 MLP VAE with a Bernoulli likelihood (pixels in [0, 1] as
 probabilities) on the 60000 training images, then reports on the test set: the ELBO (one z per
