@@ -86,7 +86,8 @@ def _cmd_train(args) -> int:
     check_flags(args.model, sizes)
     rank, _ = init_distributed()
     torch.manual_seed(args.seed)
-    data = datasets.load(args.data, root=args.data_root, seed=args.seed)
+    data = datasets.load(args.data, root=args.data_root, seed=args.seed,
+                         label_column=args.label_column)
     if args.limit is not None:
         data = data.subset(args.limit, args.limit)
     try:
@@ -157,6 +158,7 @@ def _cmd_train(args) -> int:
     data_root = None if args.data_root is None else str(Path(args.data_root).resolve())
     save_model(model, out, history,
                extra={"data": data_ref, "data_root": data_root, "seed": args.seed,
+                      "label_column": args.label_column,
                       "model": args.model, "corruption": spec, "test": test,
                       "sample_shape": list(data.sample_shape)})
     plot_history(history, out / "loss.png")
@@ -164,8 +166,10 @@ def _cmd_train(args) -> int:
         from aecore.plots import plot_latent_2d
 
         device = next(model.parameters()).device
-        with torch.no_grad():
-            code = model.encode(torch.from_numpy(data.inputs("test", flat=flat)).to(device))
+        inputs = torch.from_numpy(x_test).to(device)
+        with torch.no_grad():  # a conditional model encodes with its labels
+            code = (model.encode(inputs, torch.from_numpy(data.labels("test")).to(device))
+                    if labelled else model.encode(inputs))
         code = code[0] if isinstance(code, tuple) else code
         plot_latent_2d(code.cpu().numpy(), out / "latent.png", color=data.labels("test"),
                        title=f"{args.model} codes of {data.name}")
@@ -275,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=None, help="early stopping patience")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, default=None, help="use the first N samples only")
+    t.add_argument("--label-column", type=int, default=None,
+                   help="PATH.csv/.npy tables: the column of class ids (cvae; colours plots)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     t.add_argument("--quiet", action="store_true")

@@ -310,9 +310,13 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     return Dataset(path.stem, *parts, norm, tuple(parts[0].shape[1:]), classes)
 
 
-def load(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
+def load(name: str, root: str | os.PathLike | None = None, seed: int = 0,
+         label_column: int | None = None) -> Dataset:
     """Load a data set by name (``fashion-mnist``, ``digits``, ``swiss-roll``,
-    ``movielens-100k``) or file path."""
+    ``movielens-100k``) or file path (``label_column``: see :func:`load_array`)."""
+    if label_column is not None and Path(name).suffix not in (".npy", ".csv"):
+        raise ValueError(f"label_column is for .npy/.csv tables; the data set {name!r} has its "
+                         "own labels")
     if name == "fashion-mnist":
         return load_fashion_mnist(root)
     if name == "digits":
@@ -322,5 +326,5 @@ def load(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> Dat
     if name == "movielens-100k":
         return load_movielens_100k(root, seed=seed)
     if Path(name).suffix in (".npy", ".csv"):
-        return load_array(name, seed=seed)
+        return load_array(name, seed=seed, label_column=label_column)
     raise ValueError(f"data must be one of {NAMES} or a .npy/.csv path, got {name!r}")

@@ -45,7 +45,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
             return None
         # The training run's seed: it drew the split, so "test" stays held out.
         ds = datasets.load(config["data"], root=config.get("data_root"),
-                           seed=int(config.get("seed", 0)))
+                           seed=int(config.get("seed", 0)),
+                           label_column=config.get("label_column"))
         raw = (ds.x_train if split == "train" else ds.x_test)[:n]
     size = int(np.prod(model.input_shape))
     if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:

@@ -124,6 +124,31 @@ def test_train_records_data_files_by_absolute_path_and_says_when_resume_finds_no
     assert config["data"] == str(tmp_path / "rows.npy")
 
 
+def test_train_takes_a_csv_label_column_and_later_commands_reload_it(tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    table = np.c_[rng.random((60, 5)) + labels[:, None], labels]
+    np.savetxt(tmp_path / "t.csv", table, delimiter=",", header="a,b,c,d,e,label", comments="")
+    run = tmp_path / "cvae"
+    assert main(["train", "--quiet", "--model", "cvae", "--data", str(tmp_path / "t.csv"),
+                 "--label-column", "5", "--epochs", "1", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["label_column"] == 5 and config["sample_shape"] == [5]
+    assert main(["export", str(run), "--part", "decoder", "--out", str(tmp_path / "d.onnx")]) == 0
+    # Quantizing reloads the table as it was trained (five features, the labels apart) for its
+    # calibration and report rows.
+    assert main(["train", "--quiet", "--model", "ae", "--data", str(tmp_path / "t.csv"),
+                 "--label-column", "5", "--epochs", "1", "--out", str(tmp_path / "ae")]) == 0
+    for mode in ("dynamic", "static"):
+        assert main(["export", str(tmp_path / "ae"), "--part", "encoder", "--out",
+                     str(tmp_path / f"e-{mode}.onnx"), "--quantize", mode]) == 0
+    assert main(["train", "--quiet", "--model", "ae", "--data", "digits", "--label-column", "0",
+                 "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "label_column is for .npy/.csv tables; the data set 'digits'" in capsys.readouterr().err
+
+
 def test_train_out_must_not_be_a_file(tmp_path, capsys):
     (tmp_path / "run").write_text("keep me")
     assert main(_train(tmp_path)) == 2
