@@ -122,3 +122,18 @@ def test_a_run_that_selects_nothing_never_reports_an_earlier_runs_results(tmp_pa
     with pytest.raises(ValueError, match="no benchmark matched --only 'typo'"):
         bench_report.run_suite(tmp_path, True, "typo")
     assert not (tmp_path / "raw.json").exists()
+
+
+def test_interleaved_rounds_give_every_variant_every_predecessor():
+    # A variant runs slower right after one that touched more memory: within a round, each
+    # variant must follow each other one in some rounds, not the same one every round.
+    harness = _bench("harness")
+    calls = []
+    names = ["aecore", "eager", "compile"]
+    stats = harness.interleaved({n: (lambda n=n: calls.append(n)) for n in names},
+                                rounds=30, warmup=0)
+    assert set(stats) == set(names)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == sorted(names) for r in rounds)
+    followed = {(r[i - 1], r[i]) for r in rounds for i in (1, 2)}
+    assert followed == {(a, b) for a in names for b in names if a != b}
