@@ -87,7 +87,7 @@ def _cmd_train(args) -> int:
     rank, _ = init_distributed()
     torch.manual_seed(args.seed)
     data = datasets.load(args.data, root=args.data_root, seed=args.seed,
-                         label_column=args.label_column)
+                         label_column=args.label_column, label_name="--label-column")
     if args.limit is not None:
         data = data.subset(args.limit, args.limit)
     try:

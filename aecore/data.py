@@ -249,12 +249,12 @@ def _read_csv(path: Path) -> np.ndarray:
 
 
 def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
-               label_column: int | None = None) -> Dataset:
+               label_column: int | None = None, *, label_name: str = "label_column") -> Dataset:
     """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F; a header row is
     skipped), optionally with a label column of class ids. Tabular data gets per-feature
     standardisation fitted on the train split; (N, H, W) / (N, C, H, W) arrays are treated as
     images and scaled to [0, 1] by the train split's range (by its max alone when it has no
-    negative values)."""
+    negative values). ``label_name``: what errors call ``label_column`` (a CLI flag)."""
     from aecore.io import load_npy
 
     path = Path(path)
@@ -274,11 +274,12 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     y = None
     if label_column is not None:
         if x.ndim != 2:
-            raise ValueError("label_column needs a 2-D table")
+            raise ValueError(f"{label_name} needs a 2-D table, got data of shape {x.shape} in "
+                             f"{str(path)!r}")
         cols = x.shape[1]
         if (not isinstance(label_column, (int, np.integer)) or isinstance(label_column, bool)
                 or not -cols <= label_column < cols or cols < 2):
-            raise ValueError(f"label_column must be a column index of the {cols} columns in "
+            raise ValueError(f"{label_name} must be a column index of the {cols} columns in "
                              f"{str(path)!r} (leaving at least one feature), got {label_column!r}")
         y = x[:, label_column]
         if not (np.all(np.isfinite(y)) and np.all(y >= 0) and np.all(y == np.round(y))
@@ -311,11 +312,12 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
 
 
 def load(name: str, root: str | os.PathLike | None = None, seed: int = 0,
-         label_column: int | None = None) -> Dataset:
+         label_column: int | None = None, *, label_name: str = "label_column") -> Dataset:
     """Load a data set by name (``fashion-mnist``, ``digits``, ``swiss-roll``,
-    ``movielens-100k``) or file path (``label_column``: see :func:`load_array`)."""
+    ``movielens-100k``) or file path (``label_column``, ``label_name``: see
+    :func:`load_array`)."""
     if label_column is not None and Path(name).suffix not in (".npy", ".csv"):
-        raise ValueError(f"label_column is for .npy/.csv tables; the data set {name!r} has its "
+        raise ValueError(f"{label_name} is for .npy/.csv tables; the data set {name!r} has its "
                          "own labels")
     if name == "fashion-mnist":
         return load_fashion_mnist(root)
@@ -326,5 +328,5 @@ def load(name: str, root: str | os.PathLike | None = None, seed: int = 0,
     if name == "movielens-100k":
         return load_movielens_100k(root, seed=seed)
     if Path(name).suffix in (".npy", ".csv"):
-        return load_array(name, seed=seed, label_column=label_column)
+        return load_array(name, seed=seed, label_column=label_column, label_name=label_name)
     raise ValueError(f"data must be one of {NAMES} or a .npy/.csv path, got {name!r}")

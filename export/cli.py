@@ -34,7 +34,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
         return np.random.default_rng(0).standard_normal((n, model.latent_dim),
                                                         dtype=np.float32)
     if path is not None:
-        raw = load_npy(path, "--calibration")
+        source = "--calibration"
+        raw = load_npy(path, source)
         if part in ("decoder", "generator"):
             return np.asarray(raw, np.float32)
     else:
@@ -43,6 +44,7 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
         config = read_config(model_dir)
         if config.get("data") is None:
             return None
+        source = f"the model's data set {config['data']!r} (config.json)"
         # The training run's seed: it drew the split, so "test" stays held out.
         ds = datasets.load(config["data"], root=config.get("data_root"),
                            seed=int(config.get("seed", 0)),
@@ -50,7 +52,7 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
         raw = (ds.x_train if split == "train" else ds.x_test)[:n]
     size = int(np.prod(model.input_shape))
     if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:
-        raise ValueError(f"--calibration must hold samples of shape {tuple(model.input_shape)} "
+        raise ValueError(f"{source} must hold samples of shape {tuple(model.input_shape)} "
                          f"(or {size} values each), got an array of shape {raw.shape}")
     x = raw.reshape(len(raw), *model.input_shape).astype(np.float32)
     if model.normalization is not None and part != "recommender":  # it normalises in-graph

@@ -144,9 +144,21 @@ def test_train_takes_a_csv_label_column_and_later_commands_reload_it(tmp_path, c
     for mode in ("dynamic", "static"):
         assert main(["export", str(tmp_path / "ae"), "--part", "encoder", "--out",
                      str(tmp_path / f"e-{mode}.onnx"), "--quantize", mode]) == 0
+    # The data set changed under the trained model: the error names it, not a flag never given.
+    np.savetxt(tmp_path / "t.csv", np.c_[table, table[:, :1]], delimiter=",")
+    assert main(["export", str(tmp_path / "ae"), "--part", "encoder", "--out",
+                 str(tmp_path / "e-again.onnx"), "--quantize", "static"]) == 2
+    err = capsys.readouterr().err
+    assert f"the model's data set {str(tmp_path / 't.csv')!r} (config.json) must hold samples " \
+        "of shape (5,)" in err and "--calibration" not in err
+    # Errors about the label column name the flag.
     assert main(["train", "--quiet", "--model", "ae", "--data", "digits", "--label-column", "0",
                  "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
-    assert "label_column is for .npy/.csv tables; the data set 'digits'" in capsys.readouterr().err
+    assert "--label-column is for .npy/.csv tables; the data set 'digits'" in \
+        capsys.readouterr().err
+    assert main(["train", "--quiet", "--model", "ae", "--data", str(tmp_path / "t.csv"),
+                 "--label-column", "9", "--epochs", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "--label-column must be a column index of the 7 columns" in capsys.readouterr().err
 
 
 def test_train_out_must_not_be_a_file(tmp_path, capsys):
