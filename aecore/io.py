@@ -1,6 +1,8 @@
 """Atomic file writes and model folders: safetensors weights + config.json + history.json.
 
-Nothing here loads pickles: weights are safetensors, everything else JSON.
+Nothing here loads pickles: weights are safetensors, everything else JSON. torch is imported
+only where weights are read or written, so that the file helpers serve ``aecore infer`` (ONNX
+Runtime alone) on machines without torch.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 from aecore.normalization import Normalization
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -207,6 +210,8 @@ def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                metadata: dict[str, str] | None = None) -> Path:
     """Write tensors to a safetensors file atomically (tied/shared storage is cloned apart)."""
+    from safetensors.torch import save_file
+
     flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
@@ -289,6 +294,7 @@ def _check_state(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], pa
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save_model` (eval mode, on ``map_location``)."""
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     from aecore.registry import model_class
 

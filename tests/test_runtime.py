@@ -184,3 +184,19 @@ except ImportError:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "runtime ok" in proc.stdout
+
+
+def test_cli_infer_runs_without_torch(paths, tmp_path):
+    # aecore infer is the deployment box's command: ONNX Runtime and numpy, no torch.
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((5, 64), dtype=np.float32))
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+from aecore.cli import main
+assert main(["infer", {str(paths["ae"])!r}, {str(tmp_path / "x.npy")!r}, "--out",
+             {str(tmp_path / "y.npy")!r}]) == 0
+assert sys.modules["torch"] is None
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "y.npy").shape == (5, 64)
