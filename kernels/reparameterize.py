@@ -156,8 +156,8 @@ _LOCAL = threading.local()
 # At small sizes each torch call costs mostly its Python argument parsing, and a Python float
 # argument costs about 2 us more than a 0-d tensor (it is wrapped into one on every call). The
 # constants are exact in every dtype, and 0-d CPU tensors join any device's and dtype's math.
-_HALF = torch.tensor(0.5)
-_NEG_HALF = torch.tensor(-0.5)
+_HALF = torch.tensor(0.5, dtype=torch.float32, device="cpu")
+_NEG_HALF = torch.tensor(-0.5, dtype=torch.float32, device="cpu")
 
 
 _MASK64 = 2**64 - 1
@@ -435,9 +435,9 @@ class _TorchReparameterize(torch.autograd.Function):
         return dmu, dlv, None
 
 
-# Function.apply's Python layer only routes functorch transforms (and unwraps their dead
-# wrappers), which reparameterize sends to the reference math before it gets here; calling the
-# C entry point directly saves about 10 us a call, a tenth of the op at 256 x 32.
+# Function.apply's Python layer only routes tensors that functorch transforms wrap (and unwraps
+# dead wrappers); reparameterize sends those to the reference math before it gets here. Calling
+# the C entry point directly saves about 10 us a call, a tenth of the op at 256 x 32.
 _torch_apply = super(torch.autograd.Function, _TorchReparameterize).apply
 
 
