@@ -18,6 +18,9 @@ from aecore.registry import register
 
 def _dims(name: str, dims: Sequence[int]) -> list[int]:
     # int() alone would truncate 4.5 to 4 and build a model of another size.
+    if not hasattr(dims, "__iter__"):
+        raise TypeError(f"{name} must be a list of positive integers, got {dims!r}")
+    dims = list(dims)
     try:
         ints = [int(d) for d in dims]
         ok = all(i >= 1 and i == d and not isinstance(d, bool) for i, d in zip(ints, dims))
@@ -103,9 +106,9 @@ class AutoEncoder(AutoEncoderBase):
                  activation: str = "relu", tied: bool = False,
                  output_activation: str = "identity", latent_activation: str = "identity"):
         super().__init__()
-        self.input_shape = (int(input_dim),)
-        self.latent_dim = int(latent_dim)
         self.hidden_dims = _dims("hidden_dims", hidden_dims)
+        self.input_shape = tuple(_dims("input_dim", [input_dim]))
+        self.latent_dim = _dims("latent_dim", [latent_dim])[0]
         self.activation = activation
         if not isinstance(tied, bool):  # bool("no") would be True
             raise TypeError(f"tied must be a bool, got {type(tied).__name__}")

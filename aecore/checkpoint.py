@@ -66,6 +66,12 @@ def _check_identity(folder: Path, saved: dict[str, Any], model: torch.nn.Module)
                          f"config; it differs in {', '.join(diff)}")
 
 
+def holds_checkpoints(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a training run's checkpoints (a pointer or a folder)."""
+    root = Path(directory)
+    return (root / LATEST).is_file() or any(p.is_dir() for p in root.glob("epoch-*"))
+
+
 def _pointed(root: Path) -> str | None:
     """The folder name latest.json holds, or None (no pointer, or an unreadable one)."""
     try:

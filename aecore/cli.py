@@ -40,7 +40,7 @@ def _cmd_train(args) -> int:
     import torch
 
     from aecore import data as datasets
-    from aecore.checkpoint import latest_checkpoint
+    from aecore.checkpoint import holds_checkpoints, latest_checkpoint
     from aecore.families import (
         IMAGE_INPUT,
         USES_LABELS,
@@ -80,6 +80,10 @@ def _cmd_train(args) -> int:
         except ValueError as e:
             raise ValueError(f"--corruption: {e}") from None
     check_output_dir(Path(args.out) / "checkpoints", "--out")
+    if not args.resume and holds_checkpoints(Path(args.out) / "checkpoints"):
+        raise ValueError(f"--out {args.out} holds an earlier run's checkpoints "
+                         f"({Path(args.out) / 'checkpoints'}): pass --resume to continue it, or "
+                         "choose another --out (or remove that folder) to start over")
     sizes = Sizes(hidden=args.hidden, latent=args.latent, activation=args.activation,
                   channels=args.channels, weight=args.weight)
     check_sizes(sizes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -231,11 +232,13 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    ours = (directory / CONFIG).is_file()  # an aecore model folder: its weights files are ours
     try:
         current = _weights_name(read_config(directory))
     except (FileNotFoundError, ValueError):  # no (readable) model here yet
         current = None
-    name = WEIGHTS if current != WEIGHTS else f"model-{secrets.token_hex(4)}.safetensors"
+    free = current != WEIGHTS and (ours or not (directory / WEIGHTS).exists())
+    name = WEIGHTS if free else f"model-{secrets.token_hex(4)}.safetensors"
     save_state(directory / name, model.state_dict())
     if history is not None:
         write_json(directory / HISTORY, history)
@@ -249,11 +252,22 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
         "weights": name,
     }
     write_json(directory / CONFIG, config)
-    # The old weights, and any left by an earlier save that crashed before its config.
-    for p in [directory / WEIGHTS, *directory.glob("model-*.safetensors")]:
+    # The old weights, any left by an earlier save that crashed before its config, and the old
+    # model's history; in a folder that held no model (no config.json), nothing.
+    stale = [directory / current] if current is not None else []
+    if ours:
+        stale += [directory / WEIGHTS, *(p for p in directory.glob("model-*.safetensors")
+                                         if _SAVE_NAME.fullmatch(p.name))]
+        if history is None:
+            stale.append(directory / HISTORY)
+    for p in stale:
         if p.name != name and p.is_file():
             p.unlink()
     return directory
+
+
+# The names save_model gives weights when model.safetensors is taken.
+_SAVE_NAME = re.compile(r"model-[0-9a-f]{8}\.safetensors")
 
 
 def _weights_name(config: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ class Normalization:
         if not shapes_ok:
             raise ValueError(f"Normalization.mean and std must be numbers or per-feature lists of "
                              f"one length, got shapes {mean.shape} and {std.shape}")
+        for name in ("mean", "std"):  # plain floats and lists: to_dict goes to JSON as it is
+            object.__setattr__(self, name, arrays[name].tolist())
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Raw data -> model inputs (float32)."""

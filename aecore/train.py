@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import numbers
 import os
 import time
 import warnings
@@ -20,7 +21,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from aecore.checkpoint import latest_checkpoint, load_best, load_checkpoint, save_checkpoint
+from aecore.checkpoint import (
+    holds_checkpoints,
+    latest_checkpoint,
+    load_best,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -113,8 +120,9 @@ class Trainer:
     from the newest one: weights, Adam moments, RNG states (the model's own too, where it has
     ``rng_state``/``set_rng_state``) and early-stopping state are restored, but ``lr`` and
     ``weight_decay`` are this Trainer's, not the checkpoint's. The checkpoint must come from a
-    model of the same family and config (ValueError otherwise). Inputs are cast to the model's
-    parameter dtype.
+    model of the same family and config (ValueError otherwise); a fresh run (``resume=False``)
+    refuses a ``checkpoint_dir`` that already holds a run's checkpoints. Inputs are cast to the
+    model's parameter dtype.
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, batch_size: int = 128,
@@ -123,8 +131,11 @@ class Trainer:
                  corruption: Corruption | None = None, amp: bool = False,
                  device: str | torch.device | None = None, progress: bool = True,
                  checkpoint_dir: str | os.PathLike | None = None):
-        if lr <= 0 or not math.isfinite(lr):
-            raise ValueError(f"lr must be a positive number, got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (
+                lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("epochs", epochs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -218,6 +229,13 @@ class Trainer:
             raise ValueError(f"y must have one label per sample: x has {len(x)}, y has {len(y)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf")
+        if y is not None and y.is_floating_point() and not torch.isfinite(y).all():
+            raise ValueError("y contains NaN or Inf")
+        if not resume and self.checkpoint_dir is not None and holds_checkpoints(
+                self.checkpoint_dir):
+            # A fresh run would prune that run's checkpoints as if they were its own.
+            raise ValueError(f"checkpoint_dir {str(self.checkpoint_dir)!r} holds another run's "
+                             "checkpoints: pass resume=True to continue it, or an empty folder")
         train_idx, val_idx = self._split(len(x))
         if len(train_idx) < self.world:
             raise ValueError(f"{len(train_idx)} training samples are too few for "

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from aecore.autoencoder import Decoder, Encoder
+from aecore.autoencoder import Decoder, Encoder, _dims
 from aecore.base import AutoEncoderBase
 from aecore.kernels.vq import vq_nearest
 from aecore.registry import register
@@ -111,7 +111,7 @@ class VQVAE(AutoEncoderBase):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.ema, self.dead_after, self.seed = ema, dead_after, seed
         self.activation, self.upsample = activation, upsample
-        self.hidden_dims = [_positive_int("hidden_dims", h) for h in hidden_dims]
+        self.hidden_dims = _dims("hidden_dims", hidden_dims)
         if channels is not None:
             from aecore.conv import ConvDecoder, ConvEncoder
 

@@ -236,6 +236,12 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
         if not hasattr(model, attr):
             raise TypeError(f"model must be an aecore model (missing {attr!r}), "
                             f"got {type(model).__name__}")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes - {torch.float32}:
+        # The exported graph and every runtime (ORT, the C++ program) take float32 inputs.
+        raise TypeError(f"to_onnx exports float32 models; this one has parameters of "
+                        f"{sorted(map(str, dtypes))}: export a float32 copy "
+                        "(copy.deepcopy(model).float())")
     if part == "generator" and not _has_prior(model):
         raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
                          f"{model.family!r} has none: export its 'decoder' instead")

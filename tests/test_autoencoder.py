@@ -7,6 +7,8 @@ from aecore.autoencoder import AutoEncoder, Encoder
 from aecore.io import load_model, save_model
 from aecore.layers import FusedLinear
 from aecore.normalization import Normalization
+from aecore.vae import VAE
+from aecore.vqvae import VQVAE
 
 
 def test_fused_linear_is_a_drop_in_for_linear():
@@ -138,6 +140,13 @@ def test_fractional_or_non_numeric_sizes_are_rejected(kwargs):
     # int() alone truncated 4.5 to 4: a model of another size than asked for.
     with pytest.raises(ValueError, match="must be positive integers"):
         AutoEncoder(**{"input_dim": 4, "hidden_dims": (3,), "latent_dim": 2, **kwargs})
+
+
+@pytest.mark.parametrize("make", [lambda: AutoEncoder(10, 8, 4), lambda: VAE(10, 8, 4),
+                                  lambda: VQVAE(6, 5)])
+def test_a_bare_int_for_hidden_dims_names_the_argument(make):
+    with pytest.raises(TypeError, match="hidden_dims must be a list of positive integers, got"):
+        make()
 
 
 @pytest.mark.parametrize("tied", ["no", 1, None])

@@ -201,6 +201,44 @@ def test_save_model_over_a_folder_survives_a_crash(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "m").glob("*.safetensors")] == ["model.safetensors"]
 
 
+def test_save_model_leaves_files_it_did_not_write(tmp_path):
+    # A folder that held no model: its files stay, whatever their names.
+    folder = tmp_path / "m"
+    folder.mkdir()
+    theirs = ["model.safetensors", "model-00001-of-00002.safetensors", "model-best.safetensors"]
+    for name in theirs:
+        (folder / name).write_bytes(b"not ours")
+    model = _ae(6)
+    save_model(model, folder, history=[{"epoch": 1, "train_loss": 1.0}])
+    assert all((folder / name).read_bytes() == b"not ours" for name in theirs)
+    x = torch.rand(3, 12)
+    torch.testing.assert_close(load_model(folder)(x), model(x))
+    # Saving another model over it with no history drops the old model's history.
+    save_model(_ae(8), folder)
+    assert aecore.io.load_history(folder) == []
+    assert all((folder / name).read_bytes() == b"not ours" for name in theirs[1:])
+
+
+def test_save_model_takes_numpy_normalization_values(tmp_path):
+    from aecore.normalization import Normalization
+
+    model = _ae(6)
+    model.normalization = Normalization(np.zeros(12), np.float32(2.0))
+    save_model(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["normalization"] == {"mean": [0.0] * 12, "std": 2.0}
+    assert load_model(tmp_path / "m").normalization == model.normalization
+
+
+def test_train_refuses_to_start_over_an_earlier_runs_checkpoints(tmp_path, capsys):
+    assert main(_train(tmp_path)) == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert main(_train(tmp_path)) == 2
+    assert "holds an earlier run's checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert main(_train(tmp_path, **{"--resume": None}) + ["--resume"]) == 0
+
+
 def test_load_model_reads_folders_saved_before_config_named_the_weights(tmp_path):
     model = _ae(6)
     save_model(model, tmp_path / "m")

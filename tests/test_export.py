@@ -155,6 +155,10 @@ def test_bad_arguments(tmp_path):
         to_onnx(model, tmp_path / "m.onnx", part="generator")
     with pytest.raises(TypeError, match="must be an aecore model"):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match=r"to_onnx exports float32 models; this one has "
+                                        r"parameters of \['torch.float64'\]"):
+        to_onnx(_small("ae").double(), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _fashion_or_digits():

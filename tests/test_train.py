@@ -53,6 +53,13 @@ def test_bad_trainer_and_evaluate_arguments():
             Trainer(_model(), progress=False, **kw)
     with pytest.raises(ValueError, match="x holds no samples"):
         evaluate(_model(), np.zeros((0, 64), np.float32))
+    for kw, message in (({"lr": "0.1"}, "lr must be a positive number, got '0.1'"),
+                        ({"seed": 1.5}, "seed must be a non-negative int, got 1.5")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(_model(), progress=False, **kw)
+    with pytest.raises(ValueError, match="y contains NaN or Inf"):
+        Trainer(_model(), progress=False).fit(np.zeros((8, 64), np.float32),
+                                              np.full(8, np.nan, np.float32))
     # A flag that cannot apply says so rather than being dropped without a word.
     with pytest.warns(UserWarning, match="amp applies bf16 autocast on CUDA only; training "
                                          "on cpu runs in float32"):
@@ -106,6 +113,11 @@ def test_crash_mid_save_over_the_same_epoch_keeps_the_pointed_checkpoint(digits,
     first = Trainer(_model(), epochs=1, progress=False, checkpoint_dir=ckpt)
     first.fit(digits)
     good = latest_checkpoint(ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    # A fresh run in that folder is refused: it would prune that run's checkpoints as its own.
+    with pytest.raises(ValueError, match="holds another run's checkpoints: pass resume=True"):
+        Trainer(_model(seed=5), epochs=1, progress=False, checkpoint_dir=ckpt).fit(digits)
+    assert sorted(p.name for p in ckpt.iterdir()) == before
     import aecore.checkpoint as checkpoint
 
     real = checkpoint.save_state
@@ -115,10 +127,13 @@ def test_crash_mid_save_over_the_same_epoch_keeps_the_pointed_checkpoint(digits,
             raise KeyboardInterrupt("killed mid-save")
         return real(path, tensors, metadata)
 
+    other = _model(seed=5)
+    save = lambda: checkpoint.save_checkpoint(  # noqa: E731 - the epoch the pointer holds
+        ckpt, 1, other, torch.optim.Adam(other.parameters()), {"torch": torch.get_rng_state()},
+        {"history": [], "best": 1.0, "bad_epochs": 0})
     monkeypatch.setattr(checkpoint, "save_state", dying)
-    # A fresh run in the same folder saves epoch 1 again: the name the pointer holds.
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_model(seed=5), epochs=1, progress=False, checkpoint_dir=ckpt).fit(digits)
+        save()
     monkeypatch.setattr(checkpoint, "save_state", real)
     assert latest_checkpoint(ckpt) == good
     model = _model(seed=7)
@@ -126,7 +141,7 @@ def test_crash_mid_save_over_the_same_epoch_keeps_the_pointed_checkpoint(digits,
     for k, v in first.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     # A finished save of the same epoch lands beside it, and only then moves the pointer.
-    Trainer(_model(seed=5), epochs=1, progress=False, checkpoint_dir=ckpt).fit(digits)
+    save()
     assert latest_checkpoint(ckpt) != good
     assert not list(ckpt.glob(".*.tmp"))
 
