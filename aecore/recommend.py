@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from aecore.checks import positive_int
+
 
 def _rows(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """x as a finite, non-negative (U, I) float32 tensor; errors name ``name``."""
@@ -68,6 +70,7 @@ def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
     """The model's reconstruction of raw interaction rows (U, I) -> scores (U, I) float32 on
     the CPU (a multinomial VAE: item probabilities). The rows go through the model's
     normalization, if it has one, as in training. Eval mode, restored after."""
+    batch_size = positive_int("batch_size", batch_size)
     x = _rows(rows, name)
     model.check_input(x, name)
     norm = getattr(model, "normalization", None)

@@ -28,6 +28,7 @@ from aecore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from aecore.checks import positive_int
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -81,6 +82,7 @@ def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
     computed from the statistics summed over all batches, so that they do not depend on
     ``batch_size``.
     """
+    batch_size = positive_int("batch_size", batch_size)
     device = device or next(model.parameters()).device
     x = _as_tensor(x, "x", _param_dtype(model))
     y = _as_tensor(y, "y")

@@ -36,6 +36,7 @@ from torch import nn
 
 from aecore.autoencoder import Decoder, Encoder, _dims
 from aecore.base import AutoEncoderBase
+from aecore.checks import positive_int
 from aecore.kernels._backend import exporting
 from aecore.kernels.reparameterize import LOGVAR_MAX, LOGVAR_MIN, reparameterize
 from aecore.registry import register
@@ -44,12 +45,6 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "multinomial")
 VARIANCES = ("feature", "scalar")
 LOG_SIGMA2_MIN, LOG_SIGMA2_MAX = -9.0, 9.0
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _positive_int(arg: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _positive_float(arg: str, value: object) -> float:
@@ -86,7 +81,7 @@ class VAE(AutoEncoderBase):
         self.likelihood, self.variance = likelihood, variance
         self.sigma = _positive_float("sigma", sigma)
         self.beta = _positive_float("beta", beta) if beta != 0 else 0.0
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.latent_dim = positive_int("latent_dim", latent_dim)
         self.activation, self.upsample = activation, upsample
         self.hidden_dims = _dims("hidden_dims", hidden_dims)
         c = self.num_classes
@@ -118,7 +113,7 @@ class VAE(AutoEncoderBase):
             if input_dim is None:
                 raise ValueError("input_dim is required for an MLP VAE (or input_shape and "
                                  "channels for a convolutional one)")
-            input_dim = _positive_int("input_dim", input_dim)
+            input_dim = positive_int("input_dim", input_dim)
             self.channels = None
             self.encoder = Encoder(input_dim + c, self.hidden_dims, 2 * self.latent_dim,
                                    activation)
@@ -255,7 +250,7 @@ class VAE(AutoEncoderBase):
     def elbo(self, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample ELBO (beta = 1), (B,): log p(x|z) averaged over ``k`` draws of z, minus KL."""
-        k = _positive_int("k", k)
+        k = positive_int("k", k)
         mu, logvar = self.encode(x, y)
         z, kl = reparameterize(mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0),
                                generator=generator)
@@ -274,8 +269,8 @@ class VAE(AutoEncoderBase):
         k <= chunk, else one input's draws split across calls. The noise is one
         ``torch.randn((k, latent_dim))`` from ``generator`` per input, in order (float64 for a
         float64 model, else float32), so ``chunk`` changes nothing but the speed."""
-        k = _positive_int("k", k)
-        chunk = _positive_int("chunk", chunk)
+        k = positive_int("k", k)
+        chunk = positive_int("chunk", chunk)
         mu, logvar = self.encode(x, y)
         B, L = mu.shape
         cd = torch.float64 if mu.dtype == torch.float64 else torch.float32
@@ -315,7 +310,7 @@ class VAE(AutoEncoderBase):
         """n draws of the likelihood's mean under z ~ p(z): (n, *input_shape).
 
         ``labels`` (conditional model): an int for all n, or (n,) integer labels."""
-        n = _positive_int("n", n)
+        n = positive_int("n", n)
         param = next(self.parameters())
         device = param.device
         if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
@@ -377,7 +372,7 @@ class ConditionalVAE(VAE):
     def __init__(self, num_classes: int, input_dim: int | None = None,
                  hidden_dims: Sequence[int] = (256,), latent_dim: int = 16,
                  activation: str = "relu", **kwargs: Any):
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.num_classes = positive_int("num_classes", num_classes)
         super().__init__(input_dim, hidden_dims, latent_dim, activation, **kwargs)
 
     def config(self) -> dict[str, Any]:
@@ -427,7 +422,7 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
 
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
-    n = _positive_int("n", n)
+    n = positive_int("n", n)
     shape = grid_shape(model, image_shape)
     nrow = 8  # the grid's width
     labels = None

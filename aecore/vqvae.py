@@ -32,14 +32,9 @@ import torch.nn.functional as F
 
 from aecore.autoencoder import Decoder, Encoder, _dims
 from aecore.base import AutoEncoderBase
+from aecore.checks import positive_int
 from aecore.kernels.vq import vq_nearest
 from aecore.registry import register
-
-
-def _positive_int(arg: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-    return value
 
 
 def _number(arg: str, value: object, lo: float, hi: float, lo_open: bool, hi_open: bool
@@ -94,9 +89,9 @@ class VQVAE(AutoEncoderBase):
                  beta: float = 0.25, ema: bool = False, decay: float = 0.99, eps: float = 1e-5,
                  dead_after: int = 0, seed: int = 0):
         super().__init__()
-        self.num_latents = _positive_int("num_latents", num_latents)
-        self.code_dim = _positive_int("code_dim", code_dim)
-        self.num_codes = _positive_int("num_codes", num_codes)
+        self.num_latents = positive_int("num_latents", num_latents)
+        self.code_dim = positive_int("code_dim", code_dim)
+        self.num_codes = positive_int("num_codes", num_codes)
         self.latent_dim = self.num_latents * self.code_dim
         self.beta = _number("beta", beta, 0.0, math.inf, False, True)
         # decay 0 would replace the averages with one batch's, wiping the codes it missed.
@@ -137,7 +132,7 @@ class VQVAE(AutoEncoderBase):
             if input_dim is None:
                 raise ValueError("input_dim is required for an MLP VQ-VAE (or input_shape and "
                                  "channels for a convolutional one)")
-            input_dim = _positive_int("input_dim", input_dim)
+            input_dim = positive_int("input_dim", input_dim)
             self.channels = None
             self.encoder = Encoder(input_dim, self.hidden_dims, self.latent_dim, activation)
             self.decoder = Decoder(self.latent_dim, self.hidden_dims[::-1], input_dim, activation)

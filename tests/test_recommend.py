@@ -243,6 +243,9 @@ def test_recommenders_normalise_raw_rows_and_mask_what_the_user_saw(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy((rows - mean) / std).float())
     torch.testing.assert_close(item_scores(model, rows), want)
+    torch.testing.assert_close(item_scores(model, rows, batch_size=7), want)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        item_scores(model, rows, batch_size=0)
     assert not (rows[np.arange(50)[:, None], items.numpy()] > 0).any()
     runtime = Model(to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=3))
     assert runtime.metadata["normalization"] is None  # the graph normalises
