@@ -134,6 +134,8 @@ def sample_rows(raw: np.ndarray, shape, name: str,
         # NaN/Inf would come out as NaN rows looking like a result.
         raise ValueError(f"{name} contains NaN or Inf")
     # Normalisation may be per feature: apply it on rows in the model's own layout.
+    if normalization is not None:
+        normalization.check_fits(shape, name)
     x = raw.reshape(n, *shape).astype(np.float32)
     return np.ascontiguousarray(normalization.apply(x) if normalization is not None else x)
 
@@ -230,6 +232,8 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
     """
     import aecore
 
+    if model.normalization is not None:
+        model.normalization.check_fits(model.input_shape, "model.normalization")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ours = (directory / CONFIG).is_file()  # an aecore model folder: its weights files are ours
@@ -333,6 +337,8 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
     _check_state(model.state_dict(), state, weights)
     model.load_state_dict(state)
     model.normalization = Normalization.from_dict(config.get("normalization"))
+    if model.normalization is not None:
+        model.normalization.check_fits(model.input_shape, f"{where!r}")
     return model.to(map_location).eval()
 
 

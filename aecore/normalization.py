@@ -43,6 +43,15 @@ class Normalization:
         for name in ("mean", "std"):  # plain floats and lists: to_dict goes to JSON as it is
             object.__setattr__(self, name, arrays[name].tolist())
 
+    def check_fits(self, shape, where: str) -> None:
+        """ValueError naming ``where`` unless this fits samples of ``shape``: per-feature values
+        need flat samples (F,) with one per feature; shaped samples (images) take scalars."""
+        shape = tuple(int(d) for d in shape)
+        n = max(np.size(self.mean), np.size(self.std))
+        if n > 1 and shape != (n,):
+            raise ValueError(f"{where}: the normalization holds {n} per-feature values, but the "
+                             f"model's samples have shape {shape}")
+
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Raw data -> model inputs (float32)."""
         return ((np.asarray(x, np.float32) - np.asarray(self.mean, np.float32))

@@ -75,6 +75,7 @@ def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
     model.check_input(x, name)
     norm = getattr(model, "normalization", None)
     if norm is not None:
+        norm.check_fits(model.input_shape, "model.normalization")
         x = torch.from_numpy(norm.apply(x.numpy()))
     param = next(model.parameters())
     was_training = model.training

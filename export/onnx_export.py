@@ -236,6 +236,8 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
         if not hasattr(model, attr):
             raise TypeError(f"model must be an aecore model (missing {attr!r}), "
                             f"got {type(model).__name__}")
+    if getattr(model, "normalization", None) is not None:
+        model.normalization.check_fits(model.input_shape, "model.normalization")
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
         # The exported graph and every runtime (ORT, the C++ program) take float32 inputs.

@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -192,6 +193,43 @@ def test_normalization_checks_mean():
     with pytest.raises(ValueError, match="'mean' and 'std'"):
         Normalization.from_dict({"std": 1.0})
     assert Normalization(mean=[0.0, 1.0], std=2.0).apply(np.ones((1, 2))).tolist() == [[0.5, 0]]
+
+
+def test_a_normalization_must_fit_the_model_it_travels_with(tmp_path):
+    import torch
+
+    from aecore import AutoEncoder, ConvAutoEncoder, recommend
+    from aecore.export import to_onnx
+    from aecore.io import load_model, model_inputs, save_model
+
+    norm = Normalization(mean=[0.0] * 7, std=[2.0] * 7)
+    Normalization(mean=0.0, std=[2.0] * 10).check_fits((10,), "n")
+    Normalization(mean=0.0, std=255.0).check_fits((1, 8, 8), "n")
+    m = AutoEncoder(10, [8], 4)
+    m.normalization = norm
+    message = r"the normalization holds 7 per-feature values, but the model's samples have " \
+              r"shape \(10,\)"
+    for call in (lambda: recommend.item_scores(m, torch.ones(2, 10)),
+                 lambda: model_inputs(m, np.ones((2, 10), np.float32), "input"),
+                 lambda: save_model(m, tmp_path / "m"),
+                 lambda: to_onnx(m, tmp_path / "m.onnx")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.onnx").exists()
+    # Per-feature values on image samples would broadcast along their last axis.
+    conv = ConvAutoEncoder((1, 8, 8), [4], 3)
+    conv.normalization = Normalization(mean=[0.0] * 8, std=1.0)
+    with pytest.raises(ValueError, match=r"8 per-feature values, but the model's samples have "
+                                         r"shape \(1, 8, 8\)"):
+        model_inputs(conv, np.ones((2, 1, 8, 8), np.float32), "input")
+    # A saved folder edited by hand is caught on loading.
+    m.normalization = None
+    save_model(m, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["normalization"] = norm.to_dict()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path / "m")
 
 
 def test_splits_are_train_or_test():
