@@ -80,6 +80,12 @@ def _cmd_train(args) -> int:
         except ValueError as e:
             raise ValueError(f"--corruption: {e}") from None
     check_output_dir(Path(args.out) / "checkpoints", "--out")
+    out = Path(args.out)
+    if (out.is_dir() and not (out / "config.json").is_file()
+            and not (out / "checkpoints").is_dir() and any(out.iterdir())):
+        # Its config.json, loss.png or model.safetensors would be replaced among them.
+        raise ValueError(f"--out {args.out} holds other files and no aecore model: choose a new "
+                         "or empty folder")
     if not args.resume and holds_checkpoints(Path(args.out) / "checkpoints"):
         raise ValueError(f"--out {args.out} holds an earlier run's checkpoints "
                          f"({Path(args.out) / 'checkpoints'}): pass --resume to continue it, or "
@@ -184,18 +190,28 @@ def _cmd_train(args) -> int:
 
 def _cmd_sample(args) -> int:
     from aecore.io import check_output, load_model, read_config
-    from aecore.vae import VAE, grid_shape, sample_grid
+    from aecore.vae import MAX_GRID, VAE, grid_shape, sample_grid
 
     _check_seed(args.seed)
     check_output(args.out, ".png")
     model = load_model(args.model_dir)
+    # The API's checks, in the flags' names.
+    if not isinstance(model, VAE):
+        raise ValueError(f"aecore sample draws from a vae, beta-vae or cvae; the model in "
+                         f"{str(args.model_dir)!r} is a {model.family!r}, which has no prior")
+    if not 1 <= args.n <= MAX_GRID:
+        raise ValueError(f"--n must be in [1, {MAX_GRID}] (one PNG grid), got {args.n}")
+    classes = model.num_classes
+    if args.label is not None and not classes:
+        raise ValueError(f"--label is for conditional models (cvae); {model.family!r} has none")
+    if args.label is not None and not 0 <= args.label < classes:
+        raise ValueError(f"--label must be in [0, {classes}), got {args.label}")
     shape = args.image_shape
     if shape is None:
         # A flat model of images draws them in the shape of its training data's samples.
         shape = read_config(args.model_dir).get("sample_shape")
         shape = shape if isinstance(shape, list) and len(shape) == 3 else None
-    if isinstance(model, VAE):
-        grid_shape(model, shape, "--image-shape")  # the errors in the flag's name
+    grid_shape(model, shape, "--image-shape")
     sample_grid(model, args.n, args.out, label=args.label, seed=args.seed, image_shape=shape)
     print(f"wrote {args.out}")
     return 0

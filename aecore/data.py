@@ -28,6 +28,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 # or the copy with a header line that the recbole wheel carries.
 MOVIELENS_FILES = ("u.data", "ml-100k.inter")
 NAMES = ("fashion-mnist", "digits", "swiss-roll", "movielens-100k")
+INTERACTIONS = ("movielens-100k",)  # the named data sets of (users, items) rows
 
 
 @dataclass
@@ -231,15 +232,20 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    """A numeric comma-separated table (N, F) as float64; a first row that is not all numbers
-    is a header and is skipped."""
+    """A numeric comma-separated table (N, F) as float64; a first row of names alone (no cell
+    a number) is a header and is skipped, and any other text is an error."""
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
-    try:
-        [float(v) for v in first.split(",")]
-        header = 0
-    except ValueError:
-        header = 1
+
+    def number(cell: str) -> bool:
+        try:
+            float(cell)
+        except ValueError:
+            return False
+        return True
+
+    # A row with some numbers is data, even with a stray word in it: never dropped unseen.
+    header = int(not any(number(c) for c in first.split(",")))
     try:
         return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=header,
                           encoding="utf-8")

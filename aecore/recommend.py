@@ -71,6 +71,9 @@ def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
     the CPU (a multinomial VAE: item probabilities). The rows go through the model's
     normalization, if it has one, as in training. Eval mode, restored after."""
     batch_size = positive_int("batch_size", batch_size)
+    if getattr(model, "num_classes", 0):
+        raise ValueError(f"recommendations come from unconditional models; a "
+                         f"{model.family!r} reconstructs rows with labels")
     x = _rows(rows, name)
     model.check_input(x, name)
     norm = getattr(model, "normalization", None)
@@ -192,6 +195,19 @@ def ranking_report(model, test_rows: np.ndarray, train_rows: np.ndarray | None =
     return report
 
 
+def check_trained_on_interactions(model_dir: str | os.PathLike) -> None:
+    """ValueError when the model in ``model_dir`` was trained on a named data set of other
+    samples than interaction rows (a user's own table may hold either: it passes)."""
+    from aecore import data as datasets
+    from aecore.io import read_config
+
+    data = read_config(model_dir).get("data")
+    if data in datasets.NAMES and data not in datasets.INTERACTIONS:
+        raise ValueError(f"the model in {str(model_dir)!r} was trained on {data!r}, not on "
+                         "(users, items) interaction rows: recommend with a model trained on "
+                         f"{', '.join(datasets.INTERACTIONS)} or a table of your own")
+
+
 def recommend_file(model_dir: str | os.PathLike, history_npy: str | os.PathLike,
                    out_npz: str | os.PathLike, k: int = 10) -> dict[str, np.ndarray]:
     """Recommend k items to each user of ``history_npy`` ((U, I) or one (I,) interaction row)
@@ -201,6 +217,7 @@ def recommend_file(model_dir: str | os.PathLike, history_npy: str | os.PathLike,
 
     out_npz = check_output(out_npz, ".npz", (history_npy,))
     model = load_model(model_dir)
+    check_trained_on_interactions(model_dir)
     raw = load_npy(history_npy, "history")
     rows = raw[None] if raw.ndim == 1 else raw
     if len(model.input_shape) != 1:

@@ -51,6 +51,9 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
     code. The model runs in eval mode (its mode is restored) on its own device."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if getattr(model, "num_classes", 0):
+        raise ValueError(f"embed takes unconditional models; a {model.family!r} encodes with "
+                         "labels: use model.encode(x, labels)")
     x = torch.as_tensor(x)
     model.check_input(x, "x")
     param = next(model.parameters())
@@ -248,18 +251,25 @@ def precision_at_k(neighbour_labels: np.ndarray | torch.Tensor,
 
 def _gallery(model_dir: Path, config: dict, gallery: str | None,
              data_root: str | None) -> tuple[np.ndarray, str]:
-    """(raw gallery samples, a description): a .npy file, or a data set's training split."""
+    """(raw gallery samples, a description): a .npy file, or the training split of a data set
+    (by default the one the model was trained on, a named one or the user's file)."""
     from aecore import data as datasets
     from aecore.io import load_npy
 
-    if gallery is None:
+    trained_on = gallery is None
+    if trained_on:
         gallery = config.get("data")
-        if gallery not in datasets.NAMES:
-            raise ValueError(f"--gallery is needed: the model in {str(model_dir)!r} was not "
-                             f"trained on a named data set ({', '.join(datasets.NAMES)})")
-    if gallery in datasets.NAMES:
+        if gallery is None:
+            raise ValueError(f"--gallery is needed: the config of {str(model_dir)!r} names no "
+                             "training data")
+    if gallery in datasets.NAMES or trained_on:
         root = data_root if data_root is not None else config.get("data_root")
-        data = datasets.load(gallery, root=root, seed=int(config.get("seed", 0)))
+        try:
+            data = datasets.load(gallery, root=root, seed=int(config.get("seed", 0)),
+                                 label_column=config.get("label_column") if trained_on else None)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}: it is the model's training data; pass --gallery "
+                                    "FILE.npy to search another set") from None
         return data.x_train, f"the {len(data.x_train)} training samples of {gallery}"
     raw = load_npy(gallery, "--gallery")
     return raw, str(gallery)

@@ -399,6 +399,9 @@ def grid_shape(model: VAE, image_shape: Sequence[int] | None = None,
     return (side, side)
 
 
+MAX_GRID = 4096  # samples in one PNG grid (8 wide): 512 rows of images
+
+
 def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None = None,
                 seed: int = 0, image_shape: Sequence[int] | None = None) -> np.ndarray:
     """Draw ``n`` samples from the prior and write them as a PNG grid at ``path``.
@@ -423,6 +426,8 @@ def sample_grid(model: VAE, n: int, path: str | os.PathLike, label: int | None =
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a VAE or ConditionalVAE, got {type(model).__name__}")
     n = positive_int("n", n)
+    if n > MAX_GRID:
+        raise ValueError(f"n must be at most {MAX_GRID} (the samples of one PNG grid), got {n}")
     shape = grid_shape(model, image_shape)
     nrow = 8  # the grid's width
     labels = None

@@ -51,6 +51,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
                            label_column=config.get("label_column"))
         raw = (ds.x_train if split == "train" else ds.x_test)[:n]
     size = int(np.prod(model.input_shape))
+    if raw.size == size and (raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size):
+        raw = raw.reshape(1, size)  # one sample, as the other commands take it
     if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:
         raise ValueError(f"{source} must hold samples of shape {tuple(model.input_shape)} "
                          f"(or {size} values each), got an array of shape {raw.shape}")
@@ -85,6 +87,10 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
     k = DEFAULT_K if k is None else k
     out = check_output(out, ".onnx")
     model = load_model(model_dir)
+    if part == "recommender":
+        from aecore.recommend import check_trained_on_interactions
+
+        check_trained_on_interactions(model_dir)
     if quantize is not None and _conditional(model):
         # Checked before the export and the calibration set (which would need labels).
         raise ValueError(f"--quantize takes single-input models; {str(model_dir)!r} is "

@@ -265,9 +265,10 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
                              "of training errors, a mean squared error on normalised inputs)")
     if threshold is not None:
         # A NaN threshold would export a scorer that never flags anything.
+        # A negative one flags everything: no reconstruction error is below 0.
         if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-                or not math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+                or not math.isfinite(threshold) or threshold < 0):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         threshold = float(threshold)
     # Export runs on the CPU in eval mode; the caller's model gets its mode and device back.
     training = model.training

@@ -265,3 +265,47 @@ def test_quickstart_and_train_evaluate_on_cuda(tmp_path, monkeypatch):
     assert main(["train", "--quiet", "--model", "ae", "--data", "swiss-roll", "--epochs", "1",
                  "--limit", "200", "--out", str(tmp_path / "sr")]) == 0
     assert (tmp_path / "sr" / "latent.png").is_file()
+
+
+def test_commands_refuse_models_and_folders_they_cannot_serve(tmp_path, capsys):
+    # A digits autoencoder and a digits cvae, one epoch each.
+    assert main(_train(tmp_path)) == 0
+    cvae = tmp_path / "cvae"
+    assert main(_train(tmp_path, **{"--model": "cvae", "--out": str(cvae)})) == 0
+    ae = tmp_path / "run"
+    rows = np.random.default_rng(0).integers(0, 17, (5, 64)).astype(np.float32)
+    np.save(tmp_path / "q.npy", rows)
+
+    def refused(args, message):
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+
+    # Pixels are no interaction rows: recommending from them would answer nonsense.
+    refused(["recommend", str(ae), str(tmp_path / "q.npy"), "--out", str(tmp_path / "r.npz")],
+            "was trained on 'digits', not on (users, items) interaction rows")
+    refused(["export", str(ae), "--part", "recommender", "--out", str(tmp_path / "r.onnx")],
+            "was trained on 'digits', not on (users, items) interaction rows")
+    # A conditional model encodes with labels, which search has no flag for.
+    refused(["search", str(cvae), str(tmp_path / "q.npy"), "--out", str(tmp_path / "n.npz")],
+            "embed takes unconditional models; a 'cvae' encodes with labels")
+    # aecore sample's checks name its flags.
+    grid = ["--out", str(tmp_path / "g.png")]
+    refused(["sample", str(ae), *grid], "the model in")
+    refused(["sample", str(cvae), "--n", "0", *grid], "--n must be in [1, 4096]")
+    refused(["sample", str(cvae), "--n", "5000", *grid], "--n must be in [1, 4096]")
+    refused(["sample", str(cvae), "--label", "10", *grid], "--label must be in [0, 10), got 10")
+    assert not (tmp_path / "g.png").exists()
+    # A scorer threshold below 0 would flag every input.
+    refused(["export", str(ae), "--part", "scorer", "--threshold", "-1", "--out",
+             str(tmp_path / "s.onnx")], "threshold must be a finite number >= 0, got -1.0")
+    # One calibration sample is taken as other commands take it.
+    np.save(tmp_path / "one.npy", rows[0])
+    assert main(["export", str(ae), "--part", "encoder", "--quantize", "static",
+                 "--calibration", str(tmp_path / "one.npy"), "--out",
+                 str(tmp_path / "e.onnx")]) == 0
+    # A folder of other files is no --out: its config.json or loss.png would be replaced.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "loss.png").write_bytes(b"my plot")
+    refused(_train(tmp_path, **{"--out": str(other)}), "holds other files and no aecore model")
+    assert [p.name for p in other.iterdir()] == ["loss.png"]

@@ -103,6 +103,10 @@ def test_user_arrays(tmp_path):
     (tmp_path / "bad.csv").write_text("1,2\n3,x\n5,6\n")
     with pytest.raises(ValueError, match=r"bad.csv' must be a numeric CSV table .*'x'"):
         data.load_array(tmp_path / "bad.csv")
+    # So is a word in a first row of numbers: that row is data, not a header to drop.
+    (tmp_path / "first.csv").write_text("1,2,x\n4,5,6\n7,8,9\n")
+    with pytest.raises(ValueError, match=r"first.csv' must be a numeric CSV table .*'x'"):
+        data.load_array(tmp_path / "first.csv")
     imgs = rng.integers(0, 200, (20, 6, 6)).astype(np.float32)
     np.save(tmp_path / "imgs.npy", imgs)
     i = data.load(str(tmp_path / "imgs.npy"))

@@ -45,13 +45,13 @@ def test_to_onnx_rejects_bad_opsets(tmp_path, opset):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "abc", True])
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "abc", True, -1.0])
 def test_scorer_threshold_must_be_finite(tmp_path, threshold):
-    with pytest.raises(ValueError, match="threshold must be a finite number, got"):
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got"):
         to_onnx(_small(), tmp_path / "s.onnx", part="scorer", threshold=threshold)
     model = _small()
     model.threshold = float("nan")
-    with pytest.raises(ValueError, match="threshold must be a finite number, got nan"):
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got nan"):
         to_onnx(model, tmp_path / "s.onnx", part="scorer")
 
 
@@ -331,11 +331,14 @@ def test_cli_infer_takes_one_code_vector(saved, tmp_path, capsys, name, part):
 def test_cli_infer_takes_the_history_rows_recommend_takes(saved, tmp_path, capsys):
     from aecore.recommend import recommend_file
 
+    # A model of the user's own 64-item rows (a digits one is refused as a recommender).
+    model_dir = tmp_path / "rows-ae"
+    save_model(_small("ae").eval(), model_dir, extra={"data": str(tmp_path / "rows.npy")})
     rec = tmp_path / "rec.onnx"
-    assert main(["export", str(saved / "ae"), "--part", "recommender", "--k", "5",
+    assert main(["export", str(model_dir), "--part", "recommender", "--k", "5",
                  "--out", str(rec)]) == 0
     seen = np.random.default_rng(0).random((4, 64)) < 0.2
-    want = recommend_file(saved / "ae", _npy(tmp_path / "h.npy", seen), tmp_path / "r.npz",
+    want = recommend_file(model_dir, _npy(tmp_path / "h.npy", seen), tmp_path / "r.npz",
                           k=5)["items"]
     for rows in (seen, seen.astype(np.int64), seen.astype(np.uint8), seen.astype(np.float32)):
         status, items = _infer(rec, rows, tmp_path)
@@ -347,7 +350,7 @@ def test_cli_infer_takes_the_history_rows_recommend_takes(saved, tmp_path, capsy
     # Negative values are refused, as recommend refuses them.
     bad = seen.astype(np.int64) - 1
     with pytest.raises(ValueError, match="non-negative interaction values"):
-        recommend_file(saved / "ae", _npy(tmp_path / "bad.npy", bad), tmp_path / "r.npz")
+        recommend_file(model_dir, _npy(tmp_path / "bad.npy", bad), tmp_path / "r.npz")
     assert _infer(rec, bad, tmp_path)[0] == 2
     assert "must hold finite, non-negative interaction values" in capsys.readouterr().err
 

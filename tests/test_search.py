@@ -319,10 +319,24 @@ def test_cli_search_rejects_bad_arguments(digits_model, tmp_path, capsys, monkey
     assert not (tmp_path / "nn.npz").exists()
 
 
-def test_cli_search_needs_a_gallery_for_models_of_user_data(tmp_path, capsys):
+def test_cli_search_defaults_to_the_training_split_of_the_models_own_file(tmp_path, capsys):
+    from aecore import data as datasets
+
+    rows = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    np.save(tmp_path / "my.npy", rows)
     save_model(AutoEncoder(64, hidden_dims=(8,), latent_dim=2), tmp_path / "m",
-               extra={"data": "my.npy"})
-    np.save(tmp_path / "q.npy", np.zeros((1, 64), np.float32))
-    assert main(["search", str(tmp_path / "m"), str(tmp_path / "q.npy"), "--out",
-                 str(tmp_path / "nn.npz")]) == 2
-    assert "--gallery is needed" in capsys.readouterr().err
+               extra={"data": str(tmp_path / "my.npy"), "seed": 3})
+    np.save(tmp_path / "q.npy", rows[:2])
+    np.save(tmp_path / "g.npy", datasets.load(str(tmp_path / "my.npy"), seed=3).x_train)
+    args = ["search", str(tmp_path / "m"), str(tmp_path / "q.npy"), "--k", "3", "--out"]
+    assert main([*args, str(tmp_path / "a.npz")]) == 0
+    assert main([*args, str(tmp_path / "b.npz"), "--gallery", str(tmp_path / "g.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["indices"],
+                                  np.load(tmp_path / "b.npz")["indices"])
+    (tmp_path / "my.npy").unlink()
+    assert main([*args, str(tmp_path / "c.npz")]) == 2
+    assert "it is the model's training data; pass --gallery FILE.npy" in capsys.readouterr().err
+    save_model(AutoEncoder(64, hidden_dims=(8,), latent_dim=2), tmp_path / "n")
+    assert main(["search", str(tmp_path / "n"), str(tmp_path / "q.npy"), "--out",
+                 str(tmp_path / "d.npz")]) == 2
+    assert "--gallery is needed: the config of" in capsys.readouterr().err
