@@ -238,7 +238,7 @@ def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
     if labels_npy is not None and not conditional:
         raise ValueError("--labels is for conditional models; this one takes no labels")
     raw = load_npy(input_npy, "input")
-    x = model_inputs(model, raw, "input_npy")
+    x = model_inputs(model, raw, f"input {str(input_npy)!r}")  # as aecore infer names it
     labels = None
     if conditional:
         labels = np.atleast_1d(load_npy(labels_npy, "--labels"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     if path is not None:
         source = "--calibration"
         raw = load_npy(path, source)
+        if not np.isfinite(raw).all():
+            raise ValueError(f"{source} contains NaN or Inf")
         if part in ("decoder", "generator"):
             return np.asarray(raw, np.float32)
     else:
@@ -91,6 +94,10 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
         from aecore.recommend import check_trained_on_interactions
 
         check_trained_on_interactions(model_dir)
+        items = math.prod(model.input_shape)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= items:
+            raise ValueError(f"--k must be an int in [1, {items}] (the number of items), "
+                             f"got {k!r}")
     if quantize is not None and _conditional(model):
         # Checked before the export and the calibration set (which would need labels).
         raise ValueError(f"--quantize takes single-input models; {str(model_dir)!r} is "

@@ -303,6 +303,19 @@ def test_commands_refuse_models_and_folders_they_cannot_serve(tmp_path, capsys):
     assert main(["export", str(ae), "--part", "encoder", "--quantize", "static",
                  "--calibration", str(tmp_path / "one.npy"), "--out",
                  str(tmp_path / "e.onnx")]) == 0
+    np.save(tmp_path / "nan.npy", np.full((3, 64), np.nan, np.float32))
+    refused(["export", str(ae), "--part", "encoder", "--quantize", "static", "--calibration",
+             str(tmp_path / "nan.npy"), "--out", str(tmp_path / "e2.onnx")],
+            "--calibration contains NaN or Inf")
+    # A model of a table of the user's own (0/1 rows) exports as a recommender; --k is checked.
+    np.save(tmp_path / "rows.npy", (rows > 8).astype(np.float32).repeat(8, axis=0))
+    mine = tmp_path / "rows-model"
+    assert main(_train(tmp_path, **{"--data": str(tmp_path / "rows.npy"), "--out": str(mine),
+                                    "--limit": None})) == 0
+    refused(["export", str(mine), "--part", "recommender", "--k", "0", "--out",
+             str(tmp_path / "r.onnx")], "--k must be an int in [1, 64] (the number of items)")
+    assert main(["export", str(mine), "--part", "recommender", "--k", "3", "--out",
+                 str(tmp_path / "r.onnx")]) == 0
     # A folder of other files is no --out: its config.json or loss.png would be replaced.
     other = tmp_path / "mine"
     other.mkdir()
