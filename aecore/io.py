@@ -346,5 +346,8 @@ def load_history(directory: str | os.PathLike) -> list[dict]:
     path = Path(directory) / HISTORY
     if not path.is_file():
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None

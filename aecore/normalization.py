@@ -78,6 +78,9 @@ class Normalization:
     def fit(cls, x: np.ndarray) -> Normalization:
         """Per-feature standardisation of a (N, F) array; constant features keep std 1."""
         x = np.asarray(x, np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"Normalization.fit takes a (N, F) array of N >= 1 samples, got "
+                             f"shape {x.shape}")
         std = x.std(axis=0)
         std[std < 1e-12] = 1.0
         return cls(mean=x.mean(axis=0).tolist(), std=std.tolist())

@@ -88,6 +88,8 @@ def evaluate(model: torch.nn.Module, x, y=None, batch_size: int = 512,
     y = _as_tensor(y, "y")
     if len(x) == 0:
         raise ValueError("x holds no samples: nothing to evaluate")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf")  # as fit says; its loss would read NaN
     pooled = hasattr(model, "loss_and_statistics") and hasattr(model, "pooled_terms")
     was_training = model.training
     model.eval()

@@ -213,6 +213,9 @@ def test_save_model_leaves_files_it_did_not_write(tmp_path):
     assert all((folder / name).read_bytes() == b"not ours" for name in theirs)
     x = torch.rand(3, 12)
     torch.testing.assert_close(load_model(folder)(x), model(x))
+    (folder / "history.json").write_text("{not json")
+    with pytest.raises(ValueError, match="history.json' is not valid JSON"):
+        aecore.io.load_history(folder)
     # Saving another model over it with no history drops the old model's history.
     save_model(_ae(8), folder)
     assert aecore.io.load_history(folder) == []

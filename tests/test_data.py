@@ -196,6 +196,8 @@ def test_normalization_checks_mean():
         Normalization(mean="a", std=1.0)
     with pytest.raises(ValueError, match="'mean' and 'std'"):
         Normalization.from_dict({"std": 1.0})
+    with pytest.raises(ValueError, match=r"fit takes a \(N, F\) array .* got shape \(5,\)"):
+        Normalization.fit(np.arange(5.0))
     assert Normalization(mean=[0.0, 1.0], std=2.0).apply(np.ones((1, 2))).tolist() == [[0.5, 0]]
 
 
