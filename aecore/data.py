@@ -275,6 +275,8 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     if x.ndim < 2 or len(x) < 2:
         raise ValueError(f"data in {str(path)!r} must be an array of shape (N, ...) with N >= 2, "
                          f"got {x.shape}")
+    if x.dtype == np.bool_:  # 0/1 rows (interactions), as recommend and infer take them
+        x = x.astype(np.float32)
     if not np.issubdtype(x.dtype, np.number):
         raise TypeError(f"data in {str(path)!r} must be numeric, got dtype {x.dtype}")
     y = None

@@ -311,11 +311,19 @@ def _check_state(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], pa
 
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save_model` (eval mode, on ``map_location``)."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from aecore.registry import model_class
 
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"map_location must be a device such as 'cpu' or 'cuda', got "
+                         f"{map_location!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location {map_location!r} needs CUDA, which this machine lacks")
     config = read_config(directory)
     where = str(Path(directory) / CONFIG)
     if not isinstance(config.get("family"), str) or not isinstance(config.get("kwargs"), dict):

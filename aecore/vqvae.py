@@ -220,7 +220,11 @@ class VQVAE(AutoEncoderBase):
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> code indices int64 (B, num_latents)."""
-        return self.quantize(self.encode(x))[1]
+        z = self.encode(x)
+        if not torch.isfinite(z).all():
+            # The nearest-code search would name code 0 for a NaN code: an answer, not an error.
+            raise ValueError("x must be finite: its codes hold NaN or Inf")
+        return self.quantize(z)[1]
 
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, num_latents), integer in [0, num_codes) -> (B, *input_shape)."""

@@ -77,6 +77,11 @@ def test_load_model_errors(tmp_path):
     aecore.io.write_json(tmp_path / "config.json", {"family": "nope", "kwargs": {}})
     with pytest.raises(ValueError, match="unknown model family 'nope'"):
         load_model(tmp_path)
+    with pytest.raises(ValueError, match="map_location must be a device such as 'cpu'"):
+        load_model(tmp_path, map_location="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="map_location 'cuda' needs CUDA"):
+            load_model(tmp_path, map_location="cuda")
 
 
 @pytest.mark.parametrize("damage,match", [

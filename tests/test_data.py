@@ -107,6 +107,10 @@ def test_user_arrays(tmp_path):
     (tmp_path / "first.csv").write_text("1,2,x\n4,5,6\n7,8,9\n")
     with pytest.raises(ValueError, match=r"first.csv' must be a numeric CSV table .*'x'"):
         data.load_array(tmp_path / "first.csv")
+    # 0/1 rows saved as bool (interactions) train as they recommend: as 0.0 and 1.0.
+    np.save(tmp_path / "seen.npy", table > 3.0)
+    np.testing.assert_array_equal(data.load(str(tmp_path / "seen.npy"), seed=0).x_train,
+                                  data.load(str(tmp_path / "t.npy"), seed=0).x_train > 3.0)
     imgs = rng.integers(0, 200, (20, 6, 6)).astype(np.float32)
     np.save(tmp_path / "imgs.npy", imgs)
     i = data.load(str(tmp_path / "imgs.npy"))

@@ -53,6 +53,8 @@ def test_loss_terms_match_float64(digits, ema):
     ref = _oracle_terms(model, x)
     assert set(out) == {"loss", "recon", "codebook", "commitment", "perplexity"}
     assert torch.equal(model.codes(x).reshape(-1), ref["idx"])
+    with pytest.raises(ValueError, match="x must be finite: its codes hold NaN or Inf"):
+        model.codes(torch.full_like(x[:2], float("nan")))
     k = model.code_dim
     for name in ("recon", "codebook", "commitment"):
         assert_close(out[name], ref[name], torch.float32, k=64, scale=ref[name].item())
