@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from aecore.base import AutoEncoderBase
+from aecore.checks import positive_int
 from aecore.kernels._activations import activation_id
 from aecore.kernels.fused_linear import fused_linear
 from aecore.layers import FusedLinear
@@ -107,8 +108,8 @@ class AutoEncoder(AutoEncoderBase):
                  output_activation: str = "identity", latent_activation: str = "identity"):
         super().__init__()
         self.hidden_dims = _dims("hidden_dims", hidden_dims)
-        self.input_shape = tuple(_dims("input_dim", [input_dim]))
-        self.latent_dim = _dims("latent_dim", [latent_dim])[0]
+        self.input_shape = (positive_int("input_dim", input_dim),)
+        self.latent_dim = positive_int("latent_dim", latent_dim)
         self.activation = activation
         if not isinstance(tied, bool):  # bool("no") would be True
             raise TypeError(f"tied must be a bool, got {type(tied).__name__}")

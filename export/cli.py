@@ -29,7 +29,7 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     model's config names no data set."""
     import torch
 
-    from aecore.io import read_config
+    from aecore.io import read_config, sample_rows
 
     if part == "generator" and path is None:
         return np.random.default_rng(0).standard_normal((n, model.latent_dim),
@@ -37,8 +37,6 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     if path is not None:
         source = "--calibration"
         raw = load_npy(path, source)
-        if not np.isfinite(raw).all():
-            raise ValueError(f"{source} contains NaN or Inf")
         if part in ("decoder", "generator"):
             return np.asarray(raw, np.float32)
     else:
@@ -53,19 +51,13 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
                            seed=int(config.get("seed", 0)),
                            label_column=config.get("label_column"))
         raw = (ds.x_train if split == "train" else ds.x_test)[:n]
-    size = int(np.prod(model.input_shape))
-    if raw.size == size and (raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size):
-        raw = raw.reshape(1, size)  # one sample, as the other commands take it
-    if raw.ndim < 2 or int(np.prod(raw.shape[1:])) != size:
-        raise ValueError(f"{source} must hold samples of shape {tuple(model.input_shape)} "
-                         f"(or {size} values each), got an array of shape {raw.shape}")
-    x = raw.reshape(len(raw), *model.input_shape).astype(np.float32)
-    if model.normalization is not None and part != "recommender":  # it normalises in-graph
-        x = model.normalization.apply(x)
+    # The recommender normalises in-graph: it takes raw rows.
+    x = sample_rows(raw, model.input_shape, source,
+                    model.normalization if part != "recommender" else None)
     if part != "decoder":
-        return np.ascontiguousarray(x, np.float32)
+        return x
     with torch.no_grad():
-        code = model.encode(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        code = model.encode(torch.from_numpy(x))
     return (code[0] if isinstance(code, tuple) else code).numpy()
 
 

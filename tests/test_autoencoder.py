@@ -143,7 +143,7 @@ def test_tied_decoder_checks_activations_when_built():
                                     {"hidden_dims": "ab"}])
 def test_fractional_or_non_numeric_sizes_are_rejected(kwargs):
     # int() alone truncated 4.5 to 4: a model of another size than asked for.
-    with pytest.raises(ValueError, match="must be positive integers"):
+    with pytest.raises(ValueError, match="must be (a )?positive integers?"):
         AutoEncoder(**{"input_dim": 4, "hidden_dims": (3,), "latent_dim": 2, **kwargs})
 
 
