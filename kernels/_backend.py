@@ -19,6 +19,21 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
+# Reading the environment on every call keeps AECORE_BACKEND settable at run time. For an unset
+# name os.environ.get raises and catches two KeyErrors, several microseconds on a small op's hot
+# path; the mapping's own dict, which every os.environ write updates, answers at once.
+_BACKEND_KEY = os.environ.encodekey("AECORE_BACKEND")
+
+
+def env_backend() -> str:
+    """AECORE_BACKEND's value, ``"auto"`` when it is unset or empty."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # not CPython's os.environ
+        return os.environ.get("AECORE_BACKEND") or "auto"
+    value = data.get(_BACKEND_KEY)
+    return os.environ.decodevalue(value) if value else "auto"
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -34,12 +49,16 @@ def exporting() -> bool:
     return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
+_forward_ad = torch.autograd.forward_ad
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def transformed(*tensors: torch.Tensor | None) -> bool:
     """True when a tensor is inside a torch.func transform (vmap, jvp, jacrev) or carries a
     forward-mode tangent: the custom ops have no rules for those, the reference math does."""
     # Tangents exist only inside a dual level (torch.func.jvp opens one too); outside one, skip
     # unpacking (the eager hot path).
-    dual = torch.autograd.forward_ad._current_level >= 0
+    dual = _forward_ad._current_level >= 0
     if torch.compiler.is_compiling():
         # The per-tensor checks below aren't traceable, but the level is: inside a compiled
         # jvp the opaque op would drop the tangent silently. (A compiled vmap batches the op
@@ -48,9 +67,9 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if _is_functorch_wrapped(t):
             return True
-        if dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        if dual and _forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
 
@@ -92,10 +111,14 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     can't run (CPU tensors without the interpreter, or float64, which the kernels don't take).
     """
     if backend is None:
-        backend = os.environ.get("AECORE_BACKEND", "auto") or "auto"
+        backend = env_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = True
+    for t in tensors:  # a loop, not all(<generator>): this runs on every op's eager call
+        if not t.is_cuda:
+            on_cuda = False
+            break
     if (backend == "auto" and not on_cuda) or exporting():
         return "torch"
     if backend == "auto":

@@ -1,0 +1,45 @@
+"""Backend choice: AECORE_BACKEND is read on every call, whichever way the environment changes."""
+
+import os
+
+import pytest
+import torch
+
+from aecore.kernels import reparameterize
+from aecore.kernels._backend import env_backend, resolve
+
+
+def test_env_backend_follows_every_write(monkeypatch):
+    monkeypatch.delenv("AECORE_BACKEND", raising=False)
+    assert env_backend() == "auto"
+    monkeypatch.setenv("AECORE_BACKEND", "torch")
+    assert env_backend() == "torch"
+    monkeypatch.setenv("AECORE_BACKEND", "")
+    assert env_backend() == "auto"
+    os.environ["AECORE_BACKEND"] = "triton"  # a plain write, as a user's script does
+    assert env_backend() == "triton"
+    del os.environ["AECORE_BACKEND"]
+    assert env_backend() == "auto"
+
+
+def test_a_backend_set_at_run_time_applies_to_the_next_call(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("AECORE_BACKEND", "torch")
+    assert resolve(None, x) == "torch"
+    monkeypatch.setenv("AECORE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        resolve(None, x)
+    monkeypatch.setenv("AECORE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        reparameterize(x, x)
+    monkeypatch.delenv("AECORE_BACKEND")
+    assert resolve(None, x) == "torch"
+
+
+def test_auto_runs_torch_when_any_tensor_is_off_cuda(monkeypatch):
+    monkeypatch.delenv("AECORE_BACKEND", raising=False)
+    cpu, meta = torch.zeros(2), torch.empty(2, device="meta")
+    assert resolve(None, cpu) == "torch"
+    assert resolve(None, meta, cpu) == "torch"
+    assert resolve("torch", cpu) == "torch"
