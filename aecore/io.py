@@ -184,10 +184,23 @@ def check_output_dir(out: str | os.PathLike, name: str = "--out") -> Path:
     return out
 
 
+def _strict(obj: Any) -> Any:
+    """obj with NaN and +-Inf floats replaced by None (JSON's null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write obj as strict JSON, atomically: NaN and +-Inf (which json.dump would write as bare
+    NaN / Infinity, rejected by other parsers) become null."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(_strict(obj), f, indent=2, allow_nan=False)
             f.write("\n")
 
     return atomic_write(path, write)

@@ -106,7 +106,14 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
         to_onnx(model, fp32, part=part, threshold=threshold, k=k)
         calib = None
         if quantize == "static":
-            calib = _part_inputs(model_dir, model, part, calibration)
+            try:
+                calib = _part_inputs(model_dir, model, part, calibration)
+            except FileNotFoundError as e:
+                if calibration is not None:
+                    raise
+                raise FileNotFoundError(f"static quantization calibrates on the model's data "
+                                        f"set, which is missing ({e}); pass --calibration "
+                                        "FILE.npy (raw inputs)") from None
             if calib is None:
                 raise ValueError("static quantization needs --calibration FILE.npy (raw "
                                  "inputs): the model's config names no data set")

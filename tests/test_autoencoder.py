@@ -1,3 +1,6 @@
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -69,6 +72,21 @@ def test_save_load_round_trip(tmp_path, tied):
     torch.testing.assert_close(back(x), ae.eval()(x))
     assert aecore.io.load_history(tmp_path / "m")[0]["val_loss"] == 1.1
     assert not list(tmp_path.glob("m/*.tmp"))
+
+
+def test_history_is_strict_json(tmp_path):
+    """A non-finite metric is written as null, not as a bare NaN that other parsers reject."""
+    ae = AutoEncoder(4, [3], 2)
+    history = [{"epoch": 1, "train_loss": 0.5, "train_kl": math.nan, "val_ratio": [math.inf]}]
+    save_model(ae, tmp_path / "m", history=history)
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in history.json")
+
+    text = (tmp_path / "m" / "history.json").read_text()
+    assert json.loads(text, parse_constant=refuse)[0] == {
+        "epoch": 1, "train_loss": 0.5, "train_kl": None, "val_ratio": [None]}
+    assert aecore.io.load_history(tmp_path / "m")[0]["train_kl"] is None
 
 
 def test_load_model_errors(tmp_path):

@@ -466,3 +466,20 @@ def test_cli_quantize_reports_on_the_held_out_split(saved, tmp_path, monkeypatch
     test = load_digits(seed=3).x_test[:256].reshape(-1, 64)
     np.testing.assert_array_equal(seen["inputs"], model.normalization.apply(test)
                                   if model.normalization is not None else test)
+
+
+def test_cli_static_quantization_after_the_training_file_is_gone(tmp_path, capsys):
+    data = tmp_path / "rows.npy"
+    np.save(data, np.random.default_rng(0).random((40, 64), dtype=np.float32))
+    save_model(_small().eval(), tmp_path / "m", extra={"data": str(data)})
+    data.unlink()
+    args = ["export", str(tmp_path / "m"), "--out", str(tmp_path / "q.onnx"),
+            "--quantize", "static"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the model's data set, which is missing" in err and "--calibration FILE.npy" in err
+    assert not (tmp_path / "q.onnx").exists()
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(1).random((16, 64), dtype=np.float32))
+    assert main([*args, "--calibration", str(calib)]) == 0
+    assert Model(tmp_path / "q.onnx").metadata["quantization"] == "static"
