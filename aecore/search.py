@@ -56,6 +56,8 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
                          "labels: use model.encode(x, labels)")
     x = torch.as_tensor(x)
     model.check_input(x, "x")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf")  # as fit says; its codes would be NaN
     param = next(model.parameters())
     was_training = model.training
     model.eval()

@@ -1,5 +1,6 @@
 """Latent similarity search: exact k-NN against float64 oracles, the index file, the CLI."""
 
+import math
 import re
 
 import numpy as np
@@ -188,6 +189,11 @@ def test_embed_uses_codes_and_posterior_means_and_keeps_the_mode():
         embed(conv, torch.rand(3, 64))
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         embed(ae, x, batch_size=0)
+    for bad in (math.nan, math.inf):
+        x_bad = x.clone()
+        x_bad[2, 5] = bad
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            embed(ae, x_bad)
 
 
 @pytest.mark.parametrize("metric", S.METRICS)
