@@ -10,26 +10,11 @@ import torch
 from torch import nn
 
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int
+from aecore.checks import positive_int, positive_ints
 from aecore.kernels._activations import activation_id
 from aecore.kernels.fused_linear import fused_linear
 from aecore.layers import FusedLinear
 from aecore.registry import register
-
-
-def _dims(name: str, dims: Sequence[int]) -> list[int]:
-    # int() alone would truncate 4.5 to 4 and build a model of another size.
-    if not hasattr(dims, "__iter__"):
-        raise TypeError(f"{name} must be a list of positive integers, got {dims!r}")
-    dims = list(dims)
-    try:
-        ints = [int(d) for d in dims]
-        ok = all(i >= 1 and i == d and not isinstance(d, bool) for i, d in zip(ints, dims))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be positive integers, got {list(dims)!r}")
-    return ints
 
 
 class _FusedMLP(nn.Module):
@@ -54,7 +39,7 @@ class Encoder(_FusedMLP):
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
                  activation: str = "relu", latent_activation: str = "identity"):
-        super().__init__(_dims("input_dim, hidden_dims and latent_dim",
+        super().__init__(positive_ints("input_dim, hidden_dims and latent_dim",
                                [input_dim, *hidden_dims, latent_dim]),
                          activation, latent_activation)
 
@@ -64,7 +49,7 @@ class Decoder(_FusedMLP):
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], output_dim: int,
                  activation: str = "relu", output_activation: str = "identity"):
-        super().__init__(_dims("latent_dim, hidden_dims and output_dim",
+        super().__init__(positive_ints("latent_dim, hidden_dims and output_dim",
                                [latent_dim, *hidden_dims, output_dim]),
                          activation, output_activation)
 
@@ -107,7 +92,7 @@ class AutoEncoder(AutoEncoderBase):
                  activation: str = "relu", tied: bool = False,
                  output_activation: str = "identity", latent_activation: str = "identity"):
         super().__init__()
-        self.hidden_dims = _dims("hidden_dims", hidden_dims)
+        self.hidden_dims = positive_ints("hidden_dims", hidden_dims)
         self.input_shape = (positive_int("input_dim", input_dim),)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.activation = activation

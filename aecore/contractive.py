@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aecore.autoencoder import Encoder, PenalizedAutoEncoder
+from aecore.checks import positive_int
 from aecore.kernels.contractive import contractive_penalty
 from aecore.layers import FusedLinear
 from aecore.registry import register
@@ -126,8 +127,7 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                          f"{tuple(x.shape)}")
     if method == "exact":
         return _exact(encoder, x, backend)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    probes = positive_int("probes", probes)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

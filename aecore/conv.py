@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from aecore.base import AutoEncoderBase
+from aecore.checks import positive_int
 from aecore.kernels._activations import act_torch, activation_id
 from aecore.layers import FusedLinear
 from aecore.registry import register
@@ -58,12 +59,6 @@ def _bottom(arg: str, shape: tuple[int, int, int], stages: int) -> tuple[int, in
     return h // f, w // f
 
 
-def _dim(arg: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-    return value
-
-
 class ConvEncoder(nn.Module):
     """(B, C, H, W) -> (B, out_dim): per stage conv3x3 + activation + 2x2 max-pool, then dense.
 
@@ -75,7 +70,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.input_shape = _shape("input_shape", input_shape)
         self.channels = _channels(channels)
-        self.out_dim = _dim("out_dim", out_dim)
+        self.out_dim = positive_int("out_dim", out_dim)
         activation_id(activation)
         self.activation = activation
         h, w = _bottom("input_shape", self.input_shape, len(self.channels))
@@ -106,7 +101,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         self.output_shape = _shape("output_shape", output_shape)
         self.channels = _channels(channels)
-        self.in_dim = _dim("in_dim", in_dim)
+        self.in_dim = positive_int("in_dim", in_dim)
         if upsample not in UPSAMPLE:
             raise ValueError(f"upsample must be one of {UPSAMPLE}, got {upsample!r}")
         activation_id(activation)

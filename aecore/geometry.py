@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from aecore.autoencoder import PenalizedAutoEncoder
+from aecore.checks import positive_int
 from aecore.registry import register
 
 # Isomap's shortest paths and eigendecomposition grow as N^2 in memory: larger sets are
@@ -40,10 +41,8 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
     x = x.reshape(len(x), -1)
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or Inf")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
+    dim = positive_int("dim", dim)
+    n_neighbors = positive_int("n_neighbors", n_neighbors)
     # The subset is what Isomap fits: it needs more rows than neighbours and components.
     if isinstance(max_fit, bool) or not isinstance(max_fit, int) \
             or max_fit <= max(n_neighbors, dim):

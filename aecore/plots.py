@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aecore.checks import positive_int  # noqa: E402
 from aecore.io import atomic_write  # noqa: E402
 
 
@@ -49,8 +50,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8,
     images = np.asarray(images)
     if images.ndim not in (3, 4) or len(images) == 0:
         raise ValueError(f"images must be (N, H, W) or (N, C, H, W), N >= 1; got {images.shape}")
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    nrow = positive_int("nrow", nrow)
     n = len(images)
     ncol = min(nrow, n)
     nrows = -(-n // ncol)

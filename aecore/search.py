@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aecore.checks import positive_int
+
 METRICS = ("cosine", "l2")
 # float32 scores per chunk of queries (16 MiB). Each chunk reads the whole gallery once, so
 # chunks must not be small; larger ones leave the caches (10000 x 60000 x 32 on a 2-core CPU:
@@ -49,8 +51,7 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
     """Codes of model inputs: x (N, *input_shape), normalised as the model expects ->
     (N, latent_dim) float32 on the CPU. VAEs give their posterior mean, VQ-VAEs their continuous
     code. The model runs in eval mode (its mode is restored) on its own device."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
     if getattr(model, "num_classes", 0):
         raise ValueError(f"embed takes unconditional models; a {model.family!r} encodes with "
                          "labels: use model.encode(x, labels)")

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecore.autoencoder import Decoder, Encoder, _dims
+from aecore.autoencoder import Decoder, Encoder
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int
+from aecore.checks import positive_int, positive_ints
 from aecore.kernels._backend import exporting
 from aecore.kernels.reparameterize import LOGVAR_MAX, LOGVAR_MIN, reparameterize
 from aecore.registry import register
@@ -83,7 +83,7 @@ class VAE(AutoEncoderBase):
         self.beta = _positive_float("beta", beta) if beta != 0 else 0.0
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.activation, self.upsample = activation, upsample
-        self.hidden_dims = _dims("hidden_dims", hidden_dims)
+        self.hidden_dims = positive_ints("hidden_dims", hidden_dims)
         c = self.num_classes
         if channels is not None:
             from aecore.conv import ConvDecoder, ConvEncoder

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from aecore.autoencoder import Decoder, Encoder, _dims
+from aecore.autoencoder import Decoder, Encoder
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int
+from aecore.checks import positive_int, positive_ints
 from aecore.kernels.vq import vq_nearest
 from aecore.registry import register
 
@@ -106,7 +106,7 @@ class VQVAE(AutoEncoderBase):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.ema, self.dead_after, self.seed = ema, dead_after, seed
         self.activation, self.upsample = activation, upsample
-        self.hidden_dims = _dims("hidden_dims", hidden_dims)
+        self.hidden_dims = positive_ints("hidden_dims", hidden_dims)
         if channels is not None:
             from aecore.conv import ConvDecoder, ConvEncoder
 

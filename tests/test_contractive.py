@@ -422,7 +422,7 @@ def test_exact_contractive_rejects_other_encoders():
         contractive(enc, torch.randn(2, 5))
     with pytest.raises(ValueError, match="method must be one of"):
         contractive(enc, torch.randn(2, 4), method="sampled")
-    with pytest.raises(ValueError, match="probes must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="probes must be a positive integer, got 0"):
         contractive(seq, torch.randn(2, 4), method="hutchinson", probes=0)
     with pytest.raises(ValueError, match="distribution must be one of"):
         contractive(seq, torch.randn(2, 4), method="hutchinson", distribution="uniform")
