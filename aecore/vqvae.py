@@ -292,11 +292,18 @@ class VQVAE(AutoEncoderBase):
     def _update_codebook(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
         """EMA update (ema=True) and dead-code re-seeding for one training batch.
 
-        flat: encoder outputs (M, code_dim); idx: their codes (M,).
+        flat: encoder outputs (M, code_dim); idx: their codes (M,). A batch whose outputs hold
+        NaN or Inf changes nothing: its sums would turn the codebook (and every later code) into
+        NaN, while its loss, NaN already, tells the caller.
         """
+        bad = torch.isfinite(flat).all().logical_not().to(self.codebook.dtype).reshape(1)
+        group = _process_group()
+        if group:
+            dist.all_reduce(bad)  # all processes skip together: the others would wait on it
+        if bad.item():
+            return
         k = self.num_codes
         counts = torch.bincount(idx, minlength=k).to(self.codebook.dtype)
-        group = _process_group()
         if group:
             # Data parallel: every process updates from the whole global batch, so the
             # codebooks (buffers, which gradient averaging never touches) stay identical.

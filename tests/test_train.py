@@ -386,6 +386,38 @@ except TrainingDiverged as e:
         assert "step 3" in (tmp_path / f"rank{r}").read_text()
 
 
+def test_two_process_vq_vae_nan_batch_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN batch on one rank of a VQ-VAE, whose codebook update talks across ranks inside
+    the loss: every rank stops with TrainingDiverged and none hangs."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
+import os, sys, torch
+from aecore import data as datasets
+from aecore.train import Trainer, TrainingDiverged
+from aecore.vqvae import VQVAE
+
+class Unlucky(VQVAE):
+    calls = 0
+
+    def loss_and_statistics(self, x, *args, **kwargs):
+        Unlucky.calls += 1
+        if os.environ["RANK"] == "1" and Unlucky.calls == 3:
+            x = x * float("nan")
+        return super().loss_and_statistics(x, *args, **kwargs)
+
+x = datasets.load_digits().inputs("train")[:400]
+model = Unlucky(64, [16], num_latents=2, code_dim=4, num_codes=16, dead_after=1, ema=True)
+try:
+    Trainer(model, epochs=2, batch_size=32, val_fraction=0.0, progress=False).fit(x)
+except TrainingDiverged as e:
+    open(r"{tmp_path}/rank" + os.environ["RANK"], "w").write(str(e))
+    sys.exit(3)
+""")
+    assert _run_two_ranks(script, timeout=180) == [3, 3]
+    for r in range(2):
+        assert "step 3" in (tmp_path / f"rank{r}").read_text()
+
+
 def test_cli_train_writes_weights_config_history(tmp_path):
     from aecore.cli import main
 

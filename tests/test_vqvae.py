@@ -165,6 +165,19 @@ def test_no_reseeding_when_disabled(digits):
     assert (model.unused_steps[4:] == 3).all()
 
 
+@pytest.mark.parametrize("ema", [False, True])
+def test_a_nan_batch_leaves_the_codebook_alone(digits, ema):
+    model = _model(dead_after=1, ema=ema).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = digits[:20].clone()
+    x[3, 5] = float("nan")
+    assert not torch.isfinite(model.loss(x)["loss"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model.loss(digits[:20])  # a finite batch still updates it
+    assert not torch.equal(model.codebook, before["codebook"])
+
+
 def test_perplexity_formula():
     assert perplexity(torch.tensor([3, 3, 3]), 8).item() == pytest.approx(1.0)
     assert perplexity(torch.arange(8), 8).item() == pytest.approx(8.0)
