@@ -202,12 +202,16 @@ class VQVAE(AutoEncoderBase):
         """z_e (B, latent_dim) -> (z_q (B, latent_dim), indices int64 (B, num_latents)).
 
         With gradients enabled z_q = z_e + sg[e - z_e] (straight-through: d z_q / d z_e = I);
-        otherwise z_q is the codes themselves.
+        otherwise z_q is the codes themselves. A row of z_e holding NaN or Inf has no nearest
+        code: its z_q row is NaN (its index, the search's answer for it, is 0).
         """
         flat, idx = self._assign(z_e)
         e = self.codebook[idx].to(z_e.dtype)
         if torch.is_grad_enabled():
-            e = flat + (e - flat).detach()
+            e = flat + (e - flat).detach()  # NaN wherever flat is NaN or Inf
+        else:
+            # Else a NaN input would decode, without a sign, as code 0.
+            e = e.masked_fill(~torch.isfinite(flat).all(1, keepdim=True), float("nan"))
         return e.reshape(z_e.shape), idx.reshape(z_e.shape[0], self.num_latents)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

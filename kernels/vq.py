@@ -240,9 +240,11 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, *, backend: str | None =
     """Nearest code of each row: x (N, D), codebook (K, D) -> (indices int64 (N,),
     squared distances (N,)).
 
-    Ties go to the lowest index (as ``torch.argmin``). Distances are float32 for fp16/bf16/fp32
-    and float64 for float64. Not differentiable (inputs are detached). ``backend``: "auto" |
-    "triton" | "torch" (see ``aecore.kernels._backend.resolve``); float64 runs on torch.
+    Ties go to the lowest index (as ``torch.argmin``). A row holding NaN or Inf has no nearest
+    code: its index means nothing (0 for NaN) and its distance is NaN or Inf. Distances are
+    float32 for fp16/bf16/fp32 and float64 for float64. Not differentiable (inputs are
+    detached). ``backend``: "auto" | "triton" | "torch" (see ``aecore.kernels._backend.resolve``);
+    float64 runs on torch.
     """
     _validate(x, codebook)
     use_triton = resolve(backend, x, codebook) == "triton"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -105,6 +106,21 @@ def test_non_finite_codes_are_never_nearest(backend, bad):
     idx, dist = vq_nearest(x, codebook, backend=backend)
     assert torch.equal(idx, expected)
     assert_close(dist, (x - codebook[expected]).pow(2).sum(1), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_row_gets_a_non_finite_distance(backend, bad):
+    g = torch.Generator().manual_seed(1)
+    x, codebook = torch.randn(5, 3, generator=g), torch.randn(6, 3, generator=g)
+    x[2, 1] = bad
+    idx, dist = vq_nearest(x, codebook, backend=backend)
+    rest = [0, 1, 3, 4]
+    assert not torch.isfinite(dist[2])
+    if math.isnan(bad):
+        assert idx[2] == 0
+    assert torch.equal(idx[rest], torch.cdist(x[rest].double(), codebook.double()).argmin(1))
+    assert torch.isfinite(dist[rest]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

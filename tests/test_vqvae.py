@@ -55,6 +55,11 @@ def test_loss_terms_match_float64(digits, ema):
     assert torch.equal(model.codes(x).reshape(-1), ref["idx"])
     with pytest.raises(ValueError, match="x must be finite: its codes hold NaN or Inf"):
         model.codes(torch.full_like(x[:2], float("nan")))
+    bad = x[:3].clone()
+    bad[1, 0] = float("nan")
+    with torch.no_grad():  # a NaN row stays NaN, the others decode as before
+        out_bad, out_good = model(bad), model(x[:3])
+    assert torch.isnan(out_bad[1]).all() and torch.equal(out_bad[[0, 2]], out_good[[0, 2]])
     k = model.code_dim
     for name in ("recon", "codebook", "commitment"):
         assert_close(out[name], ref[name], torch.float32, k=64, scale=ref[name].item())
