@@ -203,7 +203,7 @@ class VQVAE(AutoEncoderBase):
 
         With gradients enabled z_q = z_e + sg[e - z_e] (straight-through: d z_q / d z_e = I);
         otherwise z_q is the codes themselves. A row of z_e holding NaN or Inf has no nearest
-        code: its z_q row is NaN (its index, the search's answer for it, is 0).
+        code: its z_q row is NaN (its index means nothing).
         """
         flat, idx = self._assign(z_e)
         e = self.codebook[idx].to(z_e.dtype)
