@@ -68,9 +68,14 @@ class AutoEncoderBase(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def check_target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        """``target`` (x when None) after checking it is a floating batch of x's shape: a
-        mismatched one would broadcast against the reconstruction and give a wrong loss."""
+    def check_loss_inputs(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """``target`` (x when None) after checking that x is a nonempty batch (a loss is a mean
+        over its samples: an empty one would be NaN) and target a floating batch of x's shape
+        (a mismatched one would broadcast against the reconstruction and give a wrong loss)."""
+        self.check_input(x)
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample to take a loss over, "
+                             f"got shape {tuple(x.shape)}")
         if target is None:
             return x
         self.check_input(target, "target")

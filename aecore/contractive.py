@@ -149,8 +149,7 @@ class ContractiveAutoEncoder(PenalizedAutoEncoder):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        self.check_input(x)
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         mse = (self(x) - target).pow(2).mean()
         penalty = contractive(self.encoder, x).mean()
         return {"loss": mse + self.lam * penalty, "mse": mse, "contractive": penalty}

@@ -181,6 +181,6 @@ class ConvAutoEncoder(AutoEncoderBase):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss", "mse"}: mean squared error of the reconstruction of x against target."""
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         mse = (self(x) - target).pow(2).mean()
         return {"loss": mse, "mse": mse}

@@ -78,8 +78,7 @@ class GeometryAutoEncoder(PenalizedAutoEncoder):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        self.check_input(x)
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         z = self.encoder(x)
         mse = (self.decoder(z) - target).pow(2).mean()
         if y is None:

@@ -79,8 +79,7 @@ class SparseAutoEncoder(AutoEncoder):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss": mse + weight * sparsity, "mse", "sparsity"}; mse is against target (or x)."""
-        self.check_input(x)
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         h = self.encode(x)
         mse = (self.decode(h) - target).pow(2).mean()
         penalty = self.sparsity_penalty(h)

@@ -234,7 +234,7 @@ class VAE(AutoEncoderBase):
         -log p(target | z), "kl": mean KL(q(z|x) || p(z))}; one z per sample. An
         unconditional VAE ignores ``y`` (the trainer passes labels to every model)."""
         y = y if self.num_classes else None
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         mu, logvar = self.encode(x, y)
         z, kl = reparameterize(mu, logvar)
         recon = -self.log_px(self._decode_raw(z, y), target)

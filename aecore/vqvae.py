@@ -267,8 +267,7 @@ class VQVAE(AutoEncoderBase):
         """
         if y is not None:
             raise ValueError("y must be None: the VQ-VAE is unconditional")
-        self.check_input(x)
-        target = self.check_target(x, target)
+        target = self.check_loss_inputs(x, target)
         z_e = self.encode(x)
         flat, idx = self._assign(z_e)
         e = self.codebook[idx].to(flat.dtype)

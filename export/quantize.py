@@ -121,7 +121,10 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
             # A recommender ranks its scores: quantizing its softmax and seen-item mask ahead
             # of TopK turns close scores into ties (a MovieLens VAE's top-10 lists kept 72% of
             # fp32's items against 96% with its layers alone quantized).
-            layers = ({"op_types_to_quantize": LAYER_OPS}
+            # The layers' outputs stay float too: each layer quantizes its input anyway, and
+            # the last one's output is the softmax's input.
+            layers = ({"op_types_to_quantize": LAYER_OPS,
+                       "extra_options": {"OpTypesToExcludeOutputQuantization": LAYER_OPS}}
                       if props.get("part") == "recommender" else {})
             quantize_static(str(src), str(out), _Reader(first.name, calibration),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,

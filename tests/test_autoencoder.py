@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import aecore
+from aecore import families
 from aecore.autoencoder import AutoEncoder, Encoder
+from aecore.data import load_digits
 from aecore.io import load_model, save_model
 from aecore.layers import FusedLinear
 from aecore.normalization import Normalization
@@ -148,6 +150,17 @@ def test_loss_rejects_targets_of_another_shape(make):
             model.loss(x, target=bad)
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 4\)"):
         model.loss(torch.rand(2, 5))
+
+
+@pytest.mark.parametrize("name", sorted(families.BUILDERS))
+def test_loss_rejects_an_empty_batch(name):
+    # A mean over no samples is NaN, which would train or report silently on nothing.
+    digits = load_digits()
+    model = families.build(name, digits, families.Sizes(hidden=[24], latent=8, channels=[4]))
+    x = torch.zeros(0, *model.input_shape)
+    y = torch.zeros(0, dtype=torch.int64) if name in families.USES_LABELS else None
+    with pytest.raises(ValueError, match=r"x must hold at least one sample.*\(0, "):
+        model.loss(x, y)
 
 
 def test_tied_decoder_checks_activations_when_built():
