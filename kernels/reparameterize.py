@@ -227,10 +227,21 @@ def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
     if pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = _POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=threads,
+        pool = _POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=threads - 1,
                                                         thread_name_prefix="aecore-eps")
-    # torch ops release the GIL, so the streams fill in parallel.
-    list(pool.map(lambda i: _fill_stream(chunks[i], seed, i), range(len(chunks))))
+    # The calling thread fills streams too, beside threads - 1 workers, all taking the next
+    # stream from one iterator (next() on it is atomic under the GIL): no thread waits idle
+    # for a hand-off. torch ops release the GIL, so the streams fill in parallel.
+    streams = iter(range(len(chunks)))
+
+    def fill() -> None:
+        for i in streams:
+            _fill_stream(chunks[i], seed, i)
+
+    helpers = [pool.submit(fill) for _ in range(min(threads, len(chunks)) - 1)]
+    fill()
+    for h in helpers:
+        h.result()
     return eps
 
 
