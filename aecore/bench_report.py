@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from aecore.io import write_bytes, write_json
+from aecore.io import check_output_dir, write_bytes, write_json
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -68,20 +68,26 @@ def run_suite(out: Path, quick: bool, only: str | None) -> dict:
     if not BENCH_DIR.is_dir():
         raise FileNotFoundError(f"benchmarks live in a source checkout; {BENCH_DIR} is missing")
     raw = out / "raw.json"
-    # pytest-benchmark writes no JSON when nothing runs: a file left by an earlier run would
-    # pass for this one's results.
-    raw.unlink(missing_ok=True)
+    # pytest-benchmark writes its JSON to a fresh name, renamed onto raw.json only when the
+    # run succeeds: a failed run (or a --only that matches nothing) keeps the earlier results,
+    # and a file left by an earlier run never passes for this one's.
+    fresh = out / f".raw-{os.getpid()}.json"
+    fresh.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR), "-q", "-p", "no:cacheprovider",
-           f"--benchmark-json={raw}", "-s"]
+           f"--benchmark-json={fresh}", "-s"]
     if only:
         cmd += ["-k", only]
     env = {**os.environ, "AECORE_BENCH_QUICK": "1" if quick else "0"}
-    proc = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent)
-    if proc.returncode == 5:
-        raise ValueError(f"no benchmark matched --only {only!r}" if only
-                         else "no benchmark was collected")
-    if proc.returncode != 0 or not raw.is_file():
-        raise RuntimeError(f"the benchmark suite failed (pytest exit code {proc.returncode})")
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent)
+        if proc.returncode == 5:
+            raise ValueError(f"no benchmark matched --only {only!r}" if only
+                             else "no benchmark was collected")
+        if proc.returncode != 0 or not fresh.is_file():
+            raise RuntimeError(f"the benchmark suite failed (pytest exit code {proc.returncode})")
+        os.replace(fresh, raw)
+    finally:
+        fresh.unlink(missing_ok=True)
     return json.loads(raw.read_text())
 
 
@@ -224,7 +230,7 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 
 def main(out: str | Path = "runs/bench", quick: bool = False, only: str | None = None) -> int:
-    out = Path(out)
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()

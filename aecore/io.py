@@ -195,13 +195,21 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any) -> str:
+    """obj as strict JSON text: NaN and +-Inf (which json.dumps would write as bare NaN /
+    Infinity, rejected by other parsers) become null. TypeError for what JSON can't hold."""
+    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write obj as strict JSON, atomically: NaN and +-Inf (which json.dump would write as bare
-    NaN / Infinity, rejected by other parsers) become null."""
+    """Write obj as strict JSON (:func:`json_text`), atomically."""
+    return write_text(path, json_text(obj))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(_strict(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(text)
 
     return atomic_write(path, write)
 
@@ -247,6 +255,29 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
 
     if model.normalization is not None:
         model.normalization.check_fits(model.input_shape, "model.normalization")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+        reserved = sorted(set(extra) & _RESERVED)
+        if reserved:
+            raise ValueError(f"extra must not set config.json's own keys {reserved}")
+    norm = model.normalization
+    config = {
+        "aecore_version": aecore.__version__,
+        "family": model.family,
+        "kwargs": model.config(),
+        "normalization": None if norm is None else norm.to_dict(),
+        **(extra or {}),
+    }
+    # Both texts before any write: what JSON can't hold fails here, leaving the folder as it was.
+    try:
+        history_text = None if history is None else json_text(history)
+    except TypeError as e:
+        raise TypeError(f"history must hold JSON values only ({e})") from None
+    try:
+        json_text(config)
+    except TypeError as e:
+        raise TypeError(f"extra must hold JSON values only ({e})") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ours = (directory / CONFIG).is_file()  # an aecore model folder: its weights files are ours
@@ -257,18 +288,9 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
     free = current != WEIGHTS and (ours or not (directory / WEIGHTS).exists())
     name = WEIGHTS if free else f"model-{secrets.token_hex(4)}.safetensors"
     save_state(directory / name, model.state_dict())
-    if history is not None:
-        write_json(directory / HISTORY, history)
-    norm = model.normalization
-    config = {
-        "aecore_version": aecore.__version__,
-        "family": model.family,
-        "kwargs": model.config(),
-        "normalization": None if norm is None else norm.to_dict(),
-        **(extra or {}),
-        "weights": name,
-    }
-    write_json(directory / CONFIG, config)
+    if history_text is not None:
+        write_text(directory / HISTORY, history_text)
+    write_json(directory / CONFIG, {**config, "weights": name})
     # The old weights, any left by an earlier save that crashed before its config, and the old
     # model's history; in a folder that held no model (no config.json), nothing.
     stale = [directory / current] if current is not None else []
@@ -283,6 +305,8 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
     return directory
 
 
+# config.json's keys that save_model writes itself.
+_RESERVED = {"aecore_version", "family", "kwargs", "normalization", "weights"}
 # The names save_model gives weights when model.safetensors is taken.
 _SAVE_NAME = re.compile(r"model-[0-9a-f]{8}\.safetensors")
 

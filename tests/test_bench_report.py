@@ -1,6 +1,7 @@
 """The benchmark report renders pytest-benchmark output into markdown tables and plots."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,16 +113,38 @@ def test_vq_compile_time_includes_the_whole_compile():
     assert bench.extra_info["compile_s"] > 0
 
 
-def test_a_run_that_selects_nothing_never_reports_an_earlier_runs_results(tmp_path,
-                                                                          monkeypatch):
-    # pytest exits 5 when -k selects no benchmark and writes no JSON: the one an earlier run
-    # left must not come back as this run's.
-    (tmp_path / "raw.json").write_text('{"benchmarks": [{"extra_info": {"kernel": "old"}}]}')
+def test_a_failed_run_keeps_the_earlier_results_and_never_reports_them(tmp_path, monkeypatch):
+    # pytest exits 5 when -k selects no benchmark and writes no JSON: the file an earlier run
+    # left stays (a typo in --only must not delete it) but must not come back as this run's.
+    old = '{"benchmarks": [{"extra_info": {"kernel": "old"}}]}'
+    (tmp_path / "raw.json").write_text(old)
     monkeypatch.setattr(bench_report.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 5))
     with pytest.raises(ValueError, match="no benchmark matched --only 'typo'"):
         bench_report.run_suite(tmp_path, True, "typo")
-    assert not (tmp_path / "raw.json").exists()
+    monkeypatch.setattr(bench_report.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1))
+    with pytest.raises(RuntimeError, match="benchmark suite failed"):
+        bench_report.run_suite(tmp_path, True, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+    assert (tmp_path / "raw.json").read_text() == old
+
+    def run(cmd, **kwargs):  # a run that succeeds writes its JSON where it is told
+        path = next(a for a in cmd if a.startswith("--benchmark-json=")).split("=", 1)[1]
+        Path(path).write_text('{"benchmarks": [{"extra_info": {"kernel": "new"}}]}')
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_report.subprocess, "run", run)
+    results = bench_report.run_suite(tmp_path, True, None)
+    assert results["benchmarks"][0]["extra_info"]["kernel"] == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+    assert "new" in (tmp_path / "raw.json").read_text()
+
+
+def test_bench_out_must_be_a_folder(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="--out must be a folder path"):
+        bench_report.main(tmp_path / "f" / "x")
 
 
 def test_interleaved_rounds_give_every_variant_every_predecessor():

@@ -201,6 +201,22 @@ def test_save_model_over_a_folder_survives_a_crash(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "m").glob("*.safetensors")] == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"extra": {"seed": torch.tensor(1)}}, TypeError, "extra must hold JSON values only"),
+    ({"extra": {"family": "vae"}}, ValueError, r"extra must not set config.json's own keys"),
+    ({"extra": [1]}, TypeError, "extra must be a dict or None"),
+    ({"history": [{"epoch": 2, "x": object()}]}, TypeError, "history must hold JSON values"),
+], ids=["tensor-in-extra", "reserved-key", "extra-not-dict", "object-in-history"])
+def test_save_model_rejects_what_it_cannot_write_before_writing(tmp_path, kwargs, error, match):
+    old = _ae(6)
+    save_model(old, tmp_path / "m", history=[{"epoch": 1}])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(error, match=match):
+        save_model(_ae(8), tmp_path / "m", **{"history": [{"epoch": 2}], **kwargs})
+    # Nothing written: the old model, its history and no orphan weights file.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
 def test_save_model_leaves_files_it_did_not_write(tmp_path):
     # A folder that held no model: its files stay, whatever their names.
     folder = tmp_path / "m"
