@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from aecore.io import save_state, write_json
@@ -123,38 +124,95 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Mo
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The folder latest.json points at, or None when there is no checkpoint."""
+    """The folder latest.json points at, or None when there is no checkpoint. ValueError
+    naming the pointer when it is unreadable, FileNotFoundError when its folder is gone."""
     pointer = Path(directory) / LATEST
     if not pointer.is_file():
         return None
-    with open(pointer) as f:
-        folder = Path(directory) / json.load(f)["checkpoint"]
+    try:
+        with open(pointer) as f:
+            name = json.load(f)["checkpoint"]
+        if not isinstance(name, str) or Path(name).name != name or not name:
+            raise TypeError(f"'checkpoint' must be a folder name, got {name!r}")
+    except (ValueError, KeyError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"{pointer} is damaged ({_why(e)}); start afresh in another folder "
+                         f"or remove {Path(directory)}") from None
+    folder = Path(directory) / name
     if not (folder / "trainer.json").is_file():
         raise FileNotFoundError(f"{pointer} names {folder.name}, which is incomplete or missing")
     return folder
+
+
+# What a trainer reads back from a checkpoint besides the model and the optimizer.
+_STATE_KEYS = ("epoch", "history", "best", "bad_epochs")
+_RNG_KEYS = ("shuffle", "noise", "torch")
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+
+
+def _read(path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; ValueError naming the file when it is damaged."""
+    try:
+        return load_file(str(path), **kwargs)
+    except SafetensorError as e:
+        raise ValueError(f"{path.name}: {e}") from None
 
 
 def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model and optimizer in place; return (trainer state, rng states).
 
-    ValueError, before anything is loaded, when the checkpoint's model has another family or
-    config than ``model`` (checkpoints that predate this record are not checked)."""
+    Every file is read before anything is restored. ValueError naming the checkpoint when a
+    file of it is missing or damaged or does not fit model / optimizer, or when its model has
+    another family or config than ``model`` (checkpoints that predate this record are not
+    checked)."""
     folder = Path(folder)
-    with open(folder / "trainer.json") as f:
-        state = json.load(f)
-    saved = state.pop("model", None)
+
+    def damaged(e: BaseException) -> ValueError:
+        return ValueError(f"checkpoint {folder} is damaged ({_why(e)}); resume from an intact "
+                          "run or start afresh")
+
+    try:
+        with open(folder / "trainer.json") as f:
+            try:
+                state = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"trainer.json: {e}") from None
+        if not isinstance(state, dict):
+            raise TypeError(f"trainer.json must hold a JSON object, got {type(state).__name__}")
+        saved = state.pop("model", None)
+        missing = [k for k in (*_STATE_KEYS, "optimizer") if k not in state]
+        if missing:
+            raise KeyError(f"trainer.json lacks {missing}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(e) from None
     if saved is not None:
         _check_identity(folder, saved, model)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
     device = next(model.parameters()).device
-    opt_tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state.pop("optimizer")))
-    rng = load_file(str(folder / "rng.safetensors"))
+    try:
+        weights = _read(folder / "model.safetensors")
+        opt_tensors = _read(folder / "optimizer.safetensors", device=str(device))
+        opt_state = _unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+        rng = _read(folder / "rng.safetensors")
+        missing = [k for k in _RNG_KEYS if k not in rng]
+        if missing:
+            raise KeyError(f"rng.safetensors lacks {missing}")
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(opt_state)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise damaged(e) from None
     return state, rng
 
 
 def load_best(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The best weights a checkpoint kept for early stopping, or None if it kept none."""
     path = Path(folder) / "best.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return _read(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {Path(folder)} is damaged ({e}); resume from an intact "
+                         "run or start afresh") from None

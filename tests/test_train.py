@@ -274,6 +274,28 @@ def test_resume_rejects_another_family_or_config(digits, tmp_path):
                                                                            resume=True)
 
 
+@pytest.mark.parametrize("damage,match", [
+    (lambda c, e: (c / "latest.json").write_text('{"x": 1}'),
+     r"latest.json is damaged \(KeyError: 'checkpoint'\)"),
+    (lambda c, e: (c / "latest.json").write_text("not json"), r"latest.json is damaged"),
+    (lambda c, e: (c / "latest.json").write_text('{"checkpoint": 5}'),
+     r"'checkpoint' must be a folder name, got 5"),
+    (lambda c, e: (e / "trainer.json").write_text("{}"), r"trainer.json lacks \['epoch'"),
+    (lambda c, e: (e / "trainer.json").write_text("[1]"), r"must hold a JSON object"),
+    (lambda c, e: (e / "model.safetensors").write_bytes(b"\x05" * 20),
+     r"model.safetensors: Error while deserializing header"),
+    (lambda c, e: (e / "optimizer.safetensors").write_bytes(b""), r"optimizer.safetensors"),
+    (lambda c, e: (e / "rng.safetensors").unlink(), r"rng.safetensors"),
+], ids=["pointer-key", "pointer-json", "pointer-type", "state-keys", "state-type", "weights",
+        "optimizer", "rng"])
+def test_resume_from_a_damaged_checkpoint_names_it(digits, tmp_path, damage, match):
+    Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    damage(tmp_path, tmp_path / "epoch-00001")
+    with pytest.raises(ValueError, match=match):
+        Trainer(_model(), epochs=2, progress=False, checkpoint_dir=tmp_path).fit(
+            digits[:200], resume=True)
+
+
 def test_resume_uses_the_new_lr_and_weight_decay(digits, tmp_path):
     Trainer(_model(), lr=1e-3, epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits)
     t = Trainer(_model(), lr=0.5, weight_decay=0.1, epochs=1, progress=False,
