@@ -255,6 +255,9 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
 
     if model.normalization is not None:
         model.normalization.check_fits(model.input_shape, "model.normalization")
+    broken = non_finite(model.state_dict())
+    if broken:  # saving would replace a folder's model with one that computes NaN
+        raise ValueError(f"model holds NaN or Inf in {broken[:3]}; not saving it")
     if extra is not None:
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
@@ -334,12 +337,23 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors of ``state`` that hold NaN or Inf."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
 def _check_state(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], path: Path) -> None:
     """ValueError naming what differs when weights belong to another model than the config's."""
     problems = [f"missing {k!r}" for k in want if k not in got]
     problems += [f"unexpected {k!r}" for k in got if k not in want]
     problems += [f"{k!r} has shape {tuple(got[k].shape)}, the model's is {tuple(v.shape)}"
                  for k, v in want.items() if k in got and got[k].shape != v.shape]
+    # load_state_dict would cast integer or bool tensors into float parameters without a word.
+    problems += [f"{k!r} is {got[k].dtype}, the model's is {v.dtype}"
+                 for k, v in want.items() if k in got
+                 and got[k].is_floating_point() != v.is_floating_point()]
+    problems += [f"{k!r} holds NaN or Inf" for k in non_finite(got)]
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ValueError(f"{str(path)!r} does not match the model {CONFIG} describes: "

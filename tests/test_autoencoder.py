@@ -104,6 +104,27 @@ def test_load_model_errors(tmp_path):
             load_model(tmp_path, map_location="cuda")
 
 
+def _rewrite_weights(path, change):
+    """Rewrite the first tensor of a weights file through ``change``."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    first = sorted(state)[0]
+    state[first] = change(state[first])
+    save_file(state, str(path))
+
+
+def test_save_model_refuses_non_finite_weights(tmp_path):
+    model = AutoEncoder(12, [6], 2)
+    save_model(model, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.decoder.layers[0].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"model holds NaN or Inf in \['decoder.layers.0.bias'\]"):
+        save_model(model, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda d, c: (d / "config.json").write_text("{"), "is not valid JSON"),
     (lambda d, c: (d / "config.json").write_text("[1]"), "must hold a JSON object"),
@@ -117,6 +138,10 @@ def test_load_model_errors(tmp_path):
      r"\(3, 6\)"),
     (lambda d, c: (d / c["weights"]).write_bytes(b"xx"), "is not a readable safetensors file"),
     (lambda d, c: (d / c["weights"]).unlink(), "no weights file"),
+    (lambda d, c: _rewrite_weights(d / c["weights"], lambda v: v.fill_(float("nan"))),
+     r"'decoder.layers.0.bias' holds NaN or Inf"),
+    (lambda d, c: _rewrite_weights(d / c["weights"], lambda v: v.to(torch.int64)),
+     r"'decoder.layers.0.bias' is torch.int64, the model's is torch.float32"),
 ])
 def test_load_model_names_what_is_wrong_with_a_damaged_folder(tmp_path, damage, match):
     import json
