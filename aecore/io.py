@@ -172,15 +172,20 @@ def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = ()
     return out
 
 
-def check_output_dir(out: str | os.PathLike, name: str = "--out") -> Path:
+def check_output_dir(out: str | os.PathLike, name: str = "--out",
+                     files: tuple[str, ...] = ()) -> Path:
     """``out`` as a Path, after checking that it can be a folder: neither it nor any folder
-    above it is an existing file (which would fail only when the first file is written)."""
+    above it is an existing file, and none of the ``files`` to be written in it is an existing
+    folder (either would fail only when that file is written, after the work)."""
     out = Path(out)
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise ValueError(f"{name} must be a folder path; {str(p)!r} is an existing file")
             break
+    for f in files:
+        if (out / f).is_dir():
+            raise ValueError(f"{name}: {str(out / f)!r} is a folder, where the file {f} goes")
     return out
 
 

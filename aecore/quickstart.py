@@ -12,7 +12,7 @@ import torch
 
 from aecore import data as datasets
 from aecore.families import Sizes, build
-from aecore.io import check_output_dir, save_model
+from aecore.io import CONFIG, HISTORY, WEIGHTS, check_output_dir, save_model
 from aecore.plots import plot_history, save_image_grid
 from aecore.search import LatentIndex, embed, precision_at_k
 from aecore.train import Trainer
@@ -41,7 +41,9 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs}")
     out = Path(out)
-    check_output_dir(out / "model", "--out")  # before training, not after
+    # Before training, not after.
+    check_output_dir(out / "model", "--out", (CONFIG, HISTORY, WEIGHTS))
+    check_output_dir(out, "--out", ("reconstructions.png", "search.png", "loss.png"))
     torch.manual_seed(seed)
     if data_root is not None or datasets.find_fashion_mnist() is not None:
         # A folder the user named must hold the data: no quiet fallback from it.

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from aecore import data
@@ -33,6 +35,10 @@ def test_quickstart_checks_epochs_and_out_before_training(tmp_path, no_fashion_m
     with pytest.raises(ValueError, match="--epochs must be a positive integer, got 0"):
         run(out=tmp_path / "qs", epochs=0, progress=False)
     assert not (tmp_path / "qs").exists()
+    for taken in ("qs2/search.png", "qs3/model/config.json"):
+        (tmp_path / taken).mkdir(parents=True)
+        with pytest.raises(ValueError, match=f"is a folder, where the file {Path(taken).name}"):
+            run(out=tmp_path / taken.split("/")[0], epochs=1, progress=False)
 
 
 def test_quickstart_never_falls_back_from_a_data_root_it_was_given(tmp_path):
