@@ -165,13 +165,14 @@ def test_train_out_must_not_be_a_file(tmp_path, capsys):
     (tmp_path / "run").write_text("keep me")
     assert main(_train(tmp_path)) == 2
     assert "--out must be a folder path" in capsys.readouterr().err
+    assert (tmp_path / "run").read_text() == "keep me"
+    assert main(_train(tmp_path, **{"--out": str(tmp_path / "run" / "sub")})) == 2
+    capsys.readouterr()
     (tmp_path / "run").unlink()
     (tmp_path / "run" / "loss.png").mkdir(parents=True)  # found before training, not after
     assert main(_train(tmp_path)) == 2
     assert "/loss.png' is a folder, where the file loss.png goes" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["loss.png"]
-    assert (tmp_path / "run").read_text() == "keep me"
-    assert main(_train(tmp_path, **{"--out": str(tmp_path / "run" / "sub")})) == 2
 
 
 def _ae(hidden: int) -> AutoEncoder:
