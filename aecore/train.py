@@ -29,6 +29,7 @@ from aecore.checkpoint import (
     save_checkpoint,
 )
 from aecore.checks import positive_int
+from aecore.io import check_output_dir
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -143,11 +144,29 @@ class Trainer:
         for name, value, low in (("batch_size", batch_size, 1), ("epochs", epochs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if patience is not None and patience < 1:
-            raise ValueError(f"patience must be >= 1 or None, got {patience}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real)
+                or not 0.0 <= val_fraction < 1.0):
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+                or not (weight_decay >= 0 and math.isfinite(weight_decay))):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if patience is not None:
+            positive_int("patience", patience)
+        for name, flag in (("amp", amp), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if corruption is not None and not callable(corruption):
+            raise TypeError(f"corruption must be a function (x, generator) -> x or None, got "
+                            f"{type(corruption).__name__} (aecore.corruption.parse_corruption "
+                            "turns a spec such as 'gaussian:0.1' into one)")
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
+                                                  else "cpu"))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a device such as 'cpu' or 'cuda', got "
+                             f"{device!r}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} needs CUDA, which this machine lacks")
         self.model = model.to(self.device)
         self.lr, self.weight_decay = lr, weight_decay
         self.batch_size, self.epochs = batch_size, epochs
@@ -158,7 +177,8 @@ class Trainer:
                           f"{self.device.type} runs in float32", stacklevel=2)
         self.amp = amp and self.device.type == "cuda"
         self.progress = progress
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_dir = (check_output_dir(checkpoint_dir, "checkpoint_dir")
+                               if checkpoint_dir else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.history: list[dict] = []
         self.rank, self.world = init_distributed()
@@ -227,8 +247,14 @@ class Trainer:
 
     def fit(self, x, y=None, resume: bool = False) -> list[dict]:
         """Train on normalised inputs ``x`` (N, ...) with optional labels ``y`` (N,)."""
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be a bool, got {resume!r}")
         x = _as_tensor(x, "x", _param_dtype(self.model))
         y = _as_tensor(y, "y")
+        if x.dim() == 0:
+            raise ValueError("x must be a batch of samples (N, ...), got a 0-d tensor")
+        if y is not None and y.dim() != 1:
+            raise ValueError(f"y must be one label per sample (N,), got shape {tuple(y.shape)}")
         if y is not None and len(y) != len(x):
             raise ValueError(f"y must have one label per sample: x has {len(x)}, y has {len(y)}")
         if not torch.isfinite(x).all():

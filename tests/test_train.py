@@ -70,6 +70,35 @@ def test_bad_trainer_and_evaluate_arguments():
         assert not Trainer(_model(), progress=False, amp=True, device="cpu").amp
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"weight_decay": "a"}, ValueError, "weight_decay must be a finite number >= 0, got 'a'"),
+    ({"weight_decay": math.inf}, ValueError, "weight_decay must be a finite number >= 0"),
+    ({"val_fraction": "0.1"}, ValueError, r"val_fraction must be a number in \[0, 1\)"),
+    ({"patience": 1.5}, ValueError, "patience must be a positive integer, got 1.5"),
+    ({"patience": True}, ValueError, "patience must be a positive integer, got True"),
+    ({"amp": "yes"}, TypeError, "amp must be a bool, got 'yes'"),
+    ({"corruption": "gaussian:0.1"}, TypeError, "corruption must be a function"),
+    ({"device": "foo"}, ValueError, "device must be a device such as 'cpu'"),
+], ids=lambda v: None if isinstance(v, (dict, type, str)) else str(v))
+def test_trainer_names_a_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Trainer(_model(), progress=False, **kwargs)
+
+
+def test_fit_names_bad_arguments(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir must be a folder path"):
+        Trainer(_model(), progress=False, checkpoint_dir=tmp_path / "file" / "ckpt")
+    trainer = Trainer(_model(), epochs=1, progress=False)
+    x = np.zeros((8, 64), np.float32)
+    with pytest.raises(ValueError, match=r"y must be one label per sample \(N,\), got shape"):
+        trainer.fit(x, torch.tensor(3))
+    with pytest.raises(ValueError, match="x must be a batch of samples"):
+        trainer.fit(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="resume must be a bool, got 'no'"):
+        trainer.fit(x, resume="no")
+
+
 def test_same_seed_same_run(digits):
     a = Trainer(_model(), epochs=2, progress=False, seed=3).fit(digits)
     b = Trainer(_model(), epochs=2, progress=False, seed=3).fit(digits)
