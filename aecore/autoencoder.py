@@ -121,13 +121,16 @@ class AutoEncoder(AutoEncoderBase):
         }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        self.check_dtype(x)
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_code(z)
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -68,6 +68,23 @@ class AutoEncoderBase(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
+    def check_code(self, z: torch.Tensor, arg: str = "z") -> None:
+        """ValueError/TypeError naming ``arg`` unless z is a floating (B, latent_dim) batch."""
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"{arg} must have shape (batch, {self.latent_dim}), "
+                             f"got {tuple(z.shape)}")
+        self.check_dtype(z, arg)
+
+    def check_dtype(self, t: torch.Tensor, arg: str = "x") -> None:
+        """TypeError naming ``arg`` unless t has the dtype of the model's parameters (what the
+        layers compute in; helpers such as :func:`aecore.search.embed` cast instead)."""
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), t.dtype)
+        if t.dtype != dtype:
+            raise TypeError(f"{arg} must have the model's dtype {dtype}, got {t.dtype}: cast "
+                            f"it (or the model, with model.to({t.dtype}))")
+
     def check_loss_inputs(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """``target`` (x when None) after checking that x is a nonempty batch (a loss is a mean
         over its samples: an empty one would be NaN) and target a floating batch of x's shape

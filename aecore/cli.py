@@ -190,7 +190,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from aecore.io import check_output, load_model, read_config
+    from aecore.io import check_output, load_model, training_record
     from aecore.vae import MAX_GRID, VAE, grid_shape, sample_grid
 
     _check_seed(args.seed)
@@ -210,8 +210,8 @@ def _cmd_sample(args) -> int:
     shape = args.image_shape
     if shape is None:
         # A flat model of images draws them in the shape of its training data's samples.
-        shape = read_config(args.model_dir).get("sample_shape")
-        shape = shape if isinstance(shape, list) and len(shape) == 3 else None
+        shape = training_record(args.model_dir)["sample_shape"]
+        shape = shape if shape is not None and len(shape) == 3 else None
     grid_shape(model, shape, "--image-shape")
     sample_grid(model, args.n, args.out, label=args.label, seed=args.seed, image_shape=shape)
     print(f"wrote {args.out}")

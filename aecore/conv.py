@@ -169,10 +169,12 @@ class ConvAutoEncoder(AutoEncoderBase):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, latent_dim)."""
         self.check_input(x)
+        self.check_dtype(x)
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_dim) -> (B, C, H, W)."""
+        self.check_code(z)
         return act_torch(self.decoder(z), self.output_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,10 @@ class Dataset:
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
         """The first ``n_train`` / ``n_test`` samples (for quick runs)."""
+        for name, n in (("n_train", n_train), ("n_test", n_test)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {n!r}")
+
         def cut(a, n):
             return a if a is None or n is None else a[:n]
         return Dataset(self.name, cut(self.x_train, n_train), cut(self.y_train, n_train),
@@ -191,6 +195,10 @@ def find_movielens_100k(root: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+# The largest item id an interaction file may use (columns are item ids).
+MAX_ITEMS = 1_000_000
+
+
 def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float = 4.0,
                         min_items: int = 5, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """MovieLens 100k as implicit feedback: one row per user, (N, n_items) float32, 1 where the
@@ -206,8 +214,12 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
             f"MovieLens 100k not found in {where}. `pip install --no-deps recbole==1.2.1` "
             "installs a copy (ml-100k.inter; nothing else of recbole is needed), or pass the "
             "folder holding GroupLens's u.data (--data-root DIR or AECORE_MOVIELENS=DIR).")
-    with open(path) as f:
-        lines = [line.split("\t") for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split("\t") for line in f.read().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file of tab-separated user, item, rating "
+                         "lines") from None
     if lines and not lines[0][0].strip().isdigit():  # recbole's "user_id:token ..." header
         lines = lines[1:]
     try:
@@ -215,8 +227,15 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
     except ValueError:
         raise ValueError(f"{path}: expected tab-separated user, item, rating[, timestamp] "
                          "lines") from None
-    if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0 or (table[:, :2] < 1).any():
-        raise ValueError(f"{path}: expected tab-separated user, item, rating lines with ids >= 1")
+    ids_ok = (np.isfinite(table[:, :2]).all() and (table[:, :2] >= 1).all()
+              and (table[:, :2] == np.round(table[:, :2])).all()) if table.ndim == 2 else False
+    if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0 or not ids_ok:
+        raise ValueError(f"{path}: expected tab-separated user, item, rating lines with "
+                         "integer ids >= 1")
+    # One column per item id: ids far beyond the number of items would allocate without bound.
+    if table[:, 1].max() > MAX_ITEMS:
+        raise ValueError(f"{path}: item id {int(table[:, 1].max())} exceeds {MAX_ITEMS}; "
+                         "renumber the items 1..n")
     users, items = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64) - 1
     keep = table[:, 2] >= min_rating
     ids, row = np.unique(users, return_inverse=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aecore.data import Dataset
+from aecore.kernels._activations import ACTIVATIONS
 
 
 @dataclass
@@ -70,6 +71,9 @@ def check_sizes(s: Sizes) -> None:
 
     if s.latent is not None and not positive(s.latent):
         raise ValueError(f"--latent must be a positive integer, got {s.latent!r}")
+    if s.activation is not None and s.activation not in ACTIVATIONS:
+        raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got {s.activation!r}")
     for flag, sizes in (("--hidden", s.hidden), ("--channels", s.channels)):
         if sizes is not None and (not isinstance(sizes, (list, tuple)) or not sizes
                                   or not all(positive(v) for v in sizes)):

@@ -319,6 +319,31 @@ _RESERVED = {"aecore_version", "family", "kwargs", "normalization", "weights"}
 _SAVE_NAME = re.compile(r"model-[0-9a-f]{8}\.safetensors")
 
 
+def training_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """What config.json records of a model's training data, checked: {"data" (a data set name
+    or file path), "data_root", "label_column", "seed" (0 when absent), "sample_shape" (a
+    list of ints >= 1)}, None where absent. ValueError naming a field that has another type
+    (search, sample and export rebuild the training split from these)."""
+    config = read_config(directory)
+    where = str(Path(directory) / CONFIG)
+    record = {k: config.get(k) for k in ("data", "data_root", "label_column", "sample_shape")}
+    record["seed"] = config.get("seed", 0)
+    for key in ("data", "data_root"):
+        if record[key] is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where!r}: {key!r} must be a string, got {record[key]!r}")
+    for key, low in (("seed", 0), ("label_column", None)):
+        v = record[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                              or (low is not None and v < low)):
+            raise ValueError(f"{where!r}: {key!r} must be an int"
+                             f"{f' >= {low}' if low is not None else ''}, got {v!r}")
+    shape = record["sample_shape"]
+    if shape is not None and (not isinstance(shape, list) or not shape or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+        raise ValueError(f"{where!r}: 'sample_shape' must be a list of ints >= 1, got {shape!r}")
+    return record
+
+
 def _weights_name(config: dict[str, Any]) -> str:
     """The weights file a model folder's config names (model.safetensors for folders saved
     before config.json named it)."""

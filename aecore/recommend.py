@@ -199,9 +199,9 @@ def check_trained_on_interactions(model_dir: str | os.PathLike) -> None:
     """ValueError when the model in ``model_dir`` was trained on a named data set of other
     samples than interaction rows (a user's own table may hold either: it passes)."""
     from aecore import data as datasets
-    from aecore.io import read_config
+    from aecore.io import training_record
 
-    data = read_config(model_dir).get("data")
+    data = training_record(model_dir)["data"]
     if data in datasets.NAMES and data not in datasets.INTERACTIONS:
         raise ValueError(f"the model in {str(model_dir)!r} was trained on {data!r}, not on "
                          "(users, items) interaction rows: recommend with a model trained on "

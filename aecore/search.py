@@ -252,24 +252,25 @@ def precision_at_k(neighbour_labels: np.ndarray | torch.Tensor,
     return float((nb == ql[:, None]).double().mean())
 
 
-def _gallery(model_dir: Path, config: dict, gallery: str | None,
+def _gallery(model_dir: Path, record: dict, gallery: str | None,
              data_root: str | None) -> tuple[np.ndarray, str]:
     """(raw gallery samples, a description): a .npy file, or the training split of a data set
-    (by default the one the model was trained on, a named one or the user's file)."""
+    (by default the one the model was trained on, as its :func:`~aecore.io.training_record`
+    names it: a named one or the user's file)."""
     from aecore import data as datasets
     from aecore.io import load_npy
 
     trained_on = gallery is None
     if trained_on:
-        gallery = config.get("data")
+        gallery = record["data"]
         if gallery is None:
             raise ValueError(f"--gallery is needed: the config of {str(model_dir)!r} names no "
                              "training data")
     if gallery in datasets.NAMES or trained_on:
-        root = data_root if data_root is not None else config.get("data_root")
+        root = data_root if data_root is not None else record["data_root"]
         try:
-            data = datasets.load(gallery, root=root, seed=int(config.get("seed", 0)),
-                                 label_column=config.get("label_column") if trained_on else None)
+            data = datasets.load(gallery, root=root, seed=record["seed"],
+                                 label_column=record["label_column"] if trained_on else None)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}: it is the model's training data; pass --gallery "
                                     "FILE.npy to search another set") from None
@@ -307,7 +308,7 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
         load_model,
         load_npy,
         model_inputs,
-        read_config,
+        training_record,
         write_npz,
     )
 
@@ -320,7 +321,8 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
         raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
     model = load_model(model_dir)
     queries = model_inputs(model, load_npy(query_npy, "query"), "query")
-    raw_gallery, described = _gallery(model_dir, read_config(model_dir), gallery, data_root)
+    raw_gallery, described = _gallery(model_dir, training_record(model_dir), gallery,
+                                      data_root)
     gallery_x = model_inputs(model, raw_gallery, "--gallery")
     if grid is not None:
         image = _image_shape(tuple(model.input_shape), raw_gallery)

@@ -253,8 +253,9 @@ class Trainer:
         y = _as_tensor(y, "y")
         if x.dim() == 0:
             raise ValueError("x must be a batch of samples (N, ...), got a 0-d tensor")
-        if y is not None and y.dim() != 1:
-            raise ValueError(f"y must be one label per sample (N,), got shape {tuple(y.shape)}")
+        if y is not None and y.dim() == 0:
+            # Labels (N,) or a geometry model's targets (N, latent_dim).
+            raise ValueError("y must hold one entry per sample (N, ...), got a 0-d tensor")
         if y is not None and len(y) != len(x):
             raise ValueError(f"y must have one label per sample: x has {len(x)}, y has {len(y)}")
         if not torch.isfinite(x).all():

@@ -172,6 +172,7 @@ class VAE(AutoEncoderBase):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, *input_shape) -> (mu, logvar), each (B, latent_dim)."""
         self.check_input(x)
+        self.check_dtype(x)
         h = self._onehot(y, x.shape[0], x.device, x.dtype)
         if self.likelihood == "multinomial":
             x = F.normalize(x.flatten(1), dim=1).view_as(x)  # a zero row stays zero
@@ -202,6 +203,7 @@ class VAE(AutoEncoderBase):
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """(B, latent_dim) -> the likelihood's mean, (B, *input_shape)."""
+        self.check_code(z)
         return self._mean(self._decode_raw(z, y))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,6 +218,12 @@ class VAE(AutoEncoderBase):
         # Half/bf16 outputs are summed in float32; float64 keeps its precision.
         cd = torch.float64 if raw.dtype == torch.float64 else torch.float32
         raw, target = raw.to(cd), target.to(cd)
+        # Outside its support a likelihood still gives finite numbers, meaningless ones.
+        if self.likelihood == "bernoulli" and bool(((target < 0) | (target > 1)).any()):
+            raise ValueError("target must be in [0, 1] for a Bernoulli likelihood (scale the "
+                             "data into [0, 1], or use likelihood='gaussian')")
+        if self.likelihood == "multinomial" and bool((target < 0).any()):
+            raise ValueError("target must be non-negative counts for a multinomial likelihood")
         if self.likelihood == "bernoulli":
             lp = -F.binary_cross_entropy_with_logits(raw, target, reduction="none")
         elif self.likelihood == "multinomial":

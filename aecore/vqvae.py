@@ -187,6 +187,7 @@ class VQVAE(AutoEncoderBase):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> continuous z_e (B, latent_dim)."""
         self.check_input(x)
+        self.check_dtype(x)
         return self.encoder(x)
 
     def _assign(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

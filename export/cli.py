@@ -29,7 +29,7 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     model's config names no data set."""
     import torch
 
-    from aecore.io import read_config, sample_rows
+    from aecore.io import sample_rows, training_record
 
     if part == "generator" and path is None:
         return np.random.default_rng(0).standard_normal((n, model.latent_dim),
@@ -42,14 +42,13 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     else:
         from aecore import data as datasets
 
-        config = read_config(model_dir)
-        if config.get("data") is None:
+        config = training_record(model_dir)
+        if config["data"] is None:
             return None
         source = f"the model's data set {config['data']!r} (config.json)"
         # The training run's seed: it drew the split, so "test" stays held out.
-        ds = datasets.load(config["data"], root=config.get("data_root"),
-                           seed=int(config.get("seed", 0)),
-                           label_column=config.get("label_column"))
+        ds = datasets.load(config["data"], root=config["data_root"], seed=config["seed"],
+                           label_column=config["label_column"])
         raw = (ds.x_train if split == "train" else ds.x_test)[:n]
     # The recommender normalises in-graph: it takes raw rows.
     x = sample_rows(raw, model.input_shape, source,

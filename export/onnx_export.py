@@ -244,6 +244,12 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
         raise TypeError(f"to_onnx exports float32 models; this one has parameters of "
                         f"{sorted(map(str, dtypes))}: export a float32 copy "
                         "(copy.deepcopy(model).float())")
+    if verify and (not isinstance(check_batches, (tuple, list)) or not check_batches
+                   or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                          for b in check_batches)):
+        # Verifying at no batch size would verify nothing; a batch of 0 checks no value.
+        raise ValueError(f"check_batches must be a non-empty tuple of batch sizes >= 1, "
+                         f"got {check_batches!r}")
     if part == "generator" and not _has_prior(model):
         raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
                          f"{model.family!r} has none: export its 'decoder' instead")

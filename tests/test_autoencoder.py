@@ -188,6 +188,35 @@ def test_loss_rejects_an_empty_batch(name):
         model.loss(x, y)
 
 
+@pytest.mark.parametrize("name", sorted(families.BUILDERS))
+def test_encode_and_decode_name_a_bad_batch(name):
+    digits = load_digits()
+    model = families.build(name, digits, families.Sizes(hidden=[24], latent=8, channels=[4]))
+    x = torch.rand(3, *model.input_shape)
+    with pytest.raises(TypeError, match="x must have the model's dtype torch.float32, got "
+                                        "torch.float64"):
+        model(x.double())
+    for bad in (x[0], x[None]):  # one sample without its batch dim; an extra dim
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, "):
+            model(bad)
+    if name != "vq-vae":  # its decoder takes quantized code vectors
+        y = torch.zeros(3, dtype=torch.int64) if name in families.USES_LABELS else None
+        for z in (torch.rand(3), torch.rand(3, 5)):
+            with pytest.raises(ValueError, match=r"z must have shape \(batch, 8\)"):
+                model.decode(z, y) if y is not None else model.decode(z)
+
+
+def test_vae_likelihoods_reject_targets_outside_their_support():
+    x = torch.rand(4, 6)
+    bernoulli = VAE(6, hidden_dims=(4,), latent_dim=2, likelihood="bernoulli")
+    for bad in (x * 5, -x):
+        with pytest.raises(ValueError, match=r"target must be in \[0, 1\] for a Bernoulli"):
+            bernoulli.loss(bad)
+    multinomial = VAE(6, hidden_dims=(4,), latent_dim=2, likelihood="multinomial")
+    with pytest.raises(ValueError, match="non-negative counts for a multinomial"):
+        multinomial.loss(x, target=-x)
+
+
 def test_tied_decoder_checks_activations_when_built():
     with pytest.raises(ValueError, match="activation must be one of"):
         AutoEncoder(4, hidden_dims=(3,), latent_dim=2, tied=True, output_activation="nope")

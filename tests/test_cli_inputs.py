@@ -43,6 +43,7 @@ def test_train_rejects_flags_the_family_would_ignore(tmp_path, capsys, flags, me
     ("--hidden", ",", "--hidden must be a comma-separated list of positive integers"),
     ("--hidden", "16,0", "--hidden must be a comma-separated list of positive integers"),
     ("--channels", ",", "--channels must be a comma-separated list of positive integers"),
+    ("--activation", "foo", "--activation must be one of identity, relu, "),
 ])
 def test_train_rejects_bad_numbers_up_front(tmp_path, capsys, flag, value, message):
     # --batch-size 0 crashed in default_epochs, which only runs without --epochs.
@@ -221,6 +222,24 @@ def test_save_model_rejects_what_it_cannot_write_before_writing(tmp_path, kwargs
         save_model(_ae(8), tmp_path / "m", **{"history": [{"epoch": 2}], **kwargs})
     # Nothing written: the old model, its history and no orphan weights file.
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sample_shape", [1, "a", 5], "'sample_shape' must be a list of ints >= 1"),
+    ("sample_shape", [-1, -28, 28], "'sample_shape' must be a list of ints >= 1"),
+    ("sample_shape", [0, 28, 28], "'sample_shape' must be a list of ints >= 1"),
+    ("seed", "abc", "'seed' must be an int >= 0, got 'abc'"),
+    ("seed", 1.7, "'seed' must be an int >= 0, got 1.7"),  # would rebuild another split
+    ("data", 5, "'data' must be a string, got 5"),
+    ("data_root", 5, "'data_root' must be a string, got 5"),
+    ("label_column", "x", "'label_column' must be an int, got 'x'"),
+])
+def test_training_record_names_a_damaged_field(tmp_path, field, value, match):
+    save_model(_ae(6), tmp_path / "m", extra={"data": "digits", "seed": 0})
+    config = aecore.io.read_config(tmp_path / "m")
+    aecore.io.write_json(tmp_path / "m" / "config.json", {**config, field: value})
+    with pytest.raises(ValueError, match=match):
+        aecore.io.training_record(tmp_path / "m")
 
 
 def test_save_model_leaves_files_it_did_not_write(tmp_path):

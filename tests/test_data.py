@@ -247,3 +247,11 @@ def test_splits_are_train_or_test():
     for get in (d.inputs, d.labels):
         with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
             get("val")
+
+
+def test_subset_takes_counts_only():
+    d = data.load_digits()
+    assert len(d.subset(5, 0).x_train) == 5 and len(d.subset(5, 0).x_test) == 0
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ValueError, match="n_train must be an int >= 0 or None"):
+            d.subset(bad)

@@ -45,6 +45,14 @@ def test_to_onnx_rejects_bad_opsets(tmp_path, opset):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize("batches", [(), (0, 5), (-1, 5), "ab", (2.5,), 3])
+def test_to_onnx_rejects_check_batches_that_verify_nothing(tmp_path, batches):
+    with pytest.raises(ValueError, match="check_batches must be a non-empty tuple of batch "
+                                         "sizes >= 1"):
+        to_onnx(_small(), tmp_path / "m.onnx", check_batches=batches)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "abc", True, -1.0])
 def test_scorer_threshold_must_be_finite(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got"):

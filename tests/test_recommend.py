@@ -315,6 +315,14 @@ def test_movielens_loader_reads_grouplens_files_and_rejects_others(tmp_path):
         data.load_movielens_100k(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps recbole"):
         data.load_movielens_100k(tmp_path / "missing")
+    for item, match in (("2.7", "integer ids >= 1"), ("nan", "integer ids >= 1"),
+                        ("inf", "integer ids >= 1"), ("99999999999", "exceeds 1000000")):
+        (tmp_path / "bad" / "u.data").write_text("\n".join([*lines, f"3\t{item}\t5\t0"]))
+        with pytest.raises(ValueError, match=match):
+            data.load_movielens_100k(tmp_path / "bad")
+    (tmp_path / "bad" / "u.data").write_bytes(b"\x93\xff\x00binary")
+    with pytest.raises(ValueError, match="u.data: not a text file"):
+        data.load_movielens_100k(tmp_path / "bad")
 
 
 @needs_movielens

@@ -91,7 +91,7 @@ def test_fit_names_bad_arguments(tmp_path):
         Trainer(_model(), progress=False, checkpoint_dir=tmp_path / "file" / "ckpt")
     trainer = Trainer(_model(), epochs=1, progress=False)
     x = np.zeros((8, 64), np.float32)
-    with pytest.raises(ValueError, match=r"y must be one label per sample \(N,\), got shape"):
+    with pytest.raises(ValueError, match=r"y must hold one entry per sample \(N, ...\), got a 0-d"):
         trainer.fit(x, torch.tensor(3))
     with pytest.raises(ValueError, match="x must be a batch of samples"):
         trainer.fit(torch.tensor(1.0))
