@@ -245,6 +245,10 @@ def denoise_file(model_dir: str | os.PathLike, input_npy: str | os.PathLike,
         if labels.dtype.kind not in "iu" or labels.shape != (len(x),):
             raise ValueError(f"--labels must hold {len(x)} integer class ids (one per sample), "
                              f"got dtype {labels.dtype} and shape {labels.shape}")
+        classes = model.num_classes
+        if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"--labels must be class ids in [0, {classes}), got values in "
+                             f"[{labels.min()}, {labels.max()}]")
         labels = torch.from_numpy(labels.astype(np.int64))
     norm = model.normalization
     out = _run(model, torch.from_numpy(x), labels).numpy()

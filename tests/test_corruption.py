@@ -300,6 +300,11 @@ def test_conditional_models_denoise_with_their_labels(tmp_path, capsys):
     with pytest.raises(ValueError, match="--labels must hold 5 integer class ids"):
         denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out2.npy",
                      labels_npy=tmp_path / "few.npy")
+    np.save(tmp_path / "big.npy", np.full(5, model.num_classes, np.int64))
+    with pytest.raises(ValueError, match=rf"--labels must be class ids in \[0, "
+                                         rf"{model.num_classes}\), got values in"):
+        denoise_file(tmp_path / "model", tmp_path / "in.npy", tmp_path / "out2.npy",
+                     labels_npy=tmp_path / "big.npy")
     save_model(AutoEncoder(64, hidden_dims=(8,), latent_dim=2), tmp_path / "plain")
     with pytest.raises(ValueError, match="--labels is for conditional models"):
         denoise_file(tmp_path / "plain", tmp_path / "in.npy", tmp_path / "out2.npy",
