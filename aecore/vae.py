@@ -212,18 +212,22 @@ class VAE(AutoEncoderBase):
 
     # -- likelihood and bounds -----------------------------------------------------------------
 
+    def check_support(self, target: torch.Tensor, arg: str = "target") -> None:
+        """ValueError naming ``arg`` unless target lies in the likelihood's support: outside
+        it a likelihood still gives finite numbers, meaningless ones. Once per call of loss,
+        elbo and log_likelihood, not per draw."""
+        if self.likelihood == "bernoulli" and bool(((target < 0) | (target > 1)).any()):
+            raise ValueError(f"{arg} must be in [0, 1] for a Bernoulli likelihood (scale the "
+                             "data into [0, 1], or use likelihood='gaussian')")
+        if self.likelihood == "multinomial" and bool((target < 0).any()):
+            raise ValueError(f"{arg} must be non-negative counts for a multinomial likelihood")
+
     def log_px(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target | z) per sample, (B,), from the decoder's raw output (B, *input_shape);
         float32 (float64 for a float64 decoder)."""
         # Half/bf16 outputs are summed in float32; float64 keeps its precision.
         cd = torch.float64 if raw.dtype == torch.float64 else torch.float32
         raw, target = raw.to(cd), target.to(cd)
-        # Outside its support a likelihood still gives finite numbers, meaningless ones.
-        if self.likelihood == "bernoulli" and bool(((target < 0) | (target > 1)).any()):
-            raise ValueError("target must be in [0, 1] for a Bernoulli likelihood (scale the "
-                             "data into [0, 1], or use likelihood='gaussian')")
-        if self.likelihood == "multinomial" and bool((target < 0).any()):
-            raise ValueError("target must be non-negative counts for a multinomial likelihood")
         if self.likelihood == "bernoulli":
             lp = -F.binary_cross_entropy_with_logits(raw, target, reduction="none")
         elif self.likelihood == "multinomial":
@@ -243,6 +247,7 @@ class VAE(AutoEncoderBase):
         unconditional VAE ignores ``y`` (the trainer passes labels to every model)."""
         y = y if self.num_classes else None
         target = self.check_loss_inputs(x, target)
+        self.check_support(target)
         mu, logvar = self.encode(x, y)
         z, kl = reparameterize(mu, logvar)
         recon = -self.log_px(self._decode_raw(z, y), target)
@@ -260,6 +265,7 @@ class VAE(AutoEncoderBase):
         """Per-sample ELBO (beta = 1), (B,): log p(x|z) averaged over ``k`` draws of z, minus KL."""
         k = positive_int("k", k)
         mu, logvar = self.encode(x, y)
+        self.check_support(x, "x")
         z, kl = reparameterize(mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0),
                                generator=generator)
         lp = self.log_px(self._decode_raw(z, self._repeat(y, k)), self._repeat(x, k))
@@ -280,6 +286,7 @@ class VAE(AutoEncoderBase):
         k = positive_int("k", k)
         chunk = positive_int("chunk", chunk)
         mu, logvar = self.encode(x, y)
+        self.check_support(x, "x")
         B, L = mu.shape
         cd = torch.float64 if mu.dtype == torch.float64 else torch.float32
         m = mu.to(cd)

@@ -212,8 +212,11 @@ def test_vae_likelihoods_reject_targets_outside_their_support():
     for bad in (x * 5, -x):
         with pytest.raises(ValueError, match=r"target must be in \[0, 1\] for a Bernoulli"):
             bernoulli.loss(bad)
+    for evaluate in (bernoulli.elbo, bernoulli.log_likelihood):
+        with pytest.raises(ValueError, match=r"x must be in \[0, 1\] for a Bernoulli"):
+            evaluate(x * 5)
     multinomial = VAE(6, hidden_dims=(4,), latent_dim=2, likelihood="multinomial")
-    with pytest.raises(ValueError, match="non-negative counts for a multinomial"):
+    with pytest.raises(ValueError, match="target must be non-negative counts for a multinomial"):
         multinomial.loss(x, target=-x)
 
 
