@@ -635,6 +635,24 @@ def test_batch_processed_in_chunks(backend, monkeypatch):
     _compare(3, [17, 3], ["gelu", "leaky_relu"], backend, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gram_gradient_by_upper_blocks(backend, monkeypatch):
+    # dG accumulates its upper block triangle only, then mirrors it: blocks of 4 over h_1 = 17
+    # (4 + 4 + 4 + 4 + 1, a ragged last block), in chunks of 2 samples. Depth 3 with relu
+    # first (dA's row scale moves onto the chain's factors), with softplus first (the chain
+    # needs dA itself), and depth 2 (no chain step).
+    import aecore.kernels.contractive as op
+
+    monkeypatch.setattr(op, "SYM_BLOCK", 4)
+    monkeypatch.setattr(op, "_chunk", lambda batch, r, widths, device: 2)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    for widths, acts in (([17, 5, 3], ["relu", "relu", "identity"]),
+                         ([17, 5, 3], ["softplus", "tanh", "sigmoid"]),
+                         ([17, 3], ["leaky_relu", "tanh"])):
+        assert plan(BATCH, [80, *widths]) == "gram"
+        _compare(80, widths, acts, backend, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_hutchinson_through_aecore_encoder_matches_exact(dtype):
     """Forward-mode JVPs run through FusedLinear (its reference math under torch.func).
