@@ -117,6 +117,11 @@ def _cmd_train(args) -> int:
                          f"inputs{' with ' + given if given else ''}: {detail}") from None
     flat = args.model not in IMAGE_INPUT
     x = data.inputs("train", flat=flat)
+    if args.val_fraction > 0 and len(x) < 2:  # one sample can't also give a validation split
+        limit = f" (--limit {args.limit})" if args.limit is not None else ""
+        raise ValueError(f"{len(x)} training sample{limit} is too few to hold out a validation "
+                         f"split (--val-fraction {args.val_fraction}): train on more samples or "
+                         "pass --val-fraction 0")
     y = train_targets(args.model, data, x, model.latent_dim, seed=args.seed)
     spec = args.corruption or default_corruption(args.model, data)
     corruption = None

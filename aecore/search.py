@@ -320,6 +320,9 @@ def search_file(model_dir: str | os.PathLike, query_npy: str | os.PathLike,
     if metric not in METRICS:
         raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
     model = load_model(model_dir)
+    if getattr(model, "num_classes", 0):
+        raise ValueError(f"the model in {str(model_dir)!r} is a conditional {model.family!r}: it "
+                         "encodes with labels, and search takes unconditional models")
     queries = model_inputs(model, load_npy(query_npy, "query"), "query")
     raw_gallery, described = _gallery(model_dir, training_record(model_dir), gallery,
                                       data_root)

@@ -64,6 +64,9 @@ def test_train_rejects_bad_numbers_up_front(tmp_path, capsys, flag, value, messa
     ({"--model": "cae", "--weight": "nan"}, "--weight must be a finite number >= 0, got nan"),
     ({"--model": "sparse-ae", "--weight": "-1"}, "--weight must be a finite number >= 0"),
     ({"--val-fraction": "1"}, "--val-fraction must be in [0, 1), got 1.0"),
+    # The Trainer's own message named its val_fraction argument, not the flags.
+    ({"--limit": "1"}, "1 training sample (--limit 1) is too few to hold out a validation split "
+                       "(--val-fraction 0.1): train on more samples or pass --val-fraction 0"),
     ({"--patience": "0"}, "--patience must be a positive integer, got 0"),
     # Finite in float64 but not in float32, in which the noise is added.
     ({"--corruption": "gaussian:1e39"},
@@ -331,7 +334,7 @@ def test_commands_refuse_models_and_folders_they_cannot_serve(tmp_path, capsys):
             "was trained on 'digits', not on (users, items) interaction rows")
     # A conditional model encodes with labels, which search has no flag for.
     refused(["search", str(cvae), str(tmp_path / "q.npy"), "--out", str(tmp_path / "n.npz")],
-            "embed takes unconditional models; a 'cvae' encodes with labels")
+            f"the model in {str(cvae)!r} is a conditional 'cvae': it encodes with labels")
     # aecore sample's checks name its flags.
     grid = ["--out", str(tmp_path / "g.png")]
     refused(["sample", str(ae), *grid], "the model in")
