@@ -74,6 +74,24 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+def eager_cpu(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when an op on plain tensors a and b runs its torch path in plain eager mode: both
+    on the CPU, AECORE_BACKEND unset, not compiling, tracing or exporting, no torch.func
+    transform and no forward-mode dual level. The small ops' hot-path test as one expression:
+    the separate checks (resolve, exporting, transformed) cost several microseconds each
+    right after other work has evicted them from the caches."""
+    # is_compiling first: under dynamo it is True and the rest, not all traceable, is skipped.
+    return (not torch.compiler.is_compiling() and type(a) is torch.Tensor
+            and type(b) is torch.Tensor and a.is_cpu and b.is_cpu
+            and _forward_ad._current_level < 0 and not _is_functorch_wrapped(a)
+            and not _is_functorch_wrapped(b) and not torch._C._is_tracing() and _env_unset())
+
+
+def _env_unset() -> bool:
+    data = getattr(os.environ, "_data", None)
+    return data is not None and _BACKEND_KEY not in data
+
+
 def first_order_only(op: str) -> None:
     """RuntimeError unless this backward runs without ``create_graph``: the ops' own backward
     passes compute from tensors saved without their graph, so a second derivative through

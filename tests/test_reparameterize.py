@@ -255,6 +255,29 @@ def test_deterministic_per_seed_generator_and_manual_seed(backend):
     assert not torch.equal(first, z(generator=g1))  # the generator advanced
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_usual_call_matches_the_general_path(monkeypatch, grad):
+    # The usual call (CPU tensors, no options) takes a shorter path than calls with options or
+    # with AECORE_BACKEND set; both draw the seed and compute alike.
+    mu, lv = make((9, 6), seed=3)
+    gz, gkl = torch.randn(9, 6), torch.randn(9)
+
+    def run():
+        m, v = mu.clone().requires_grad_(grad), lv.clone().requires_grad_(grad)
+        torch.manual_seed(11)
+        z, kl = reparameterize(m, v)
+        if not grad:
+            return z, kl
+        torch.autograd.backward((z, kl), (gz, gkl))
+        return z, kl, m.grad, v.grad
+
+    usual = run()
+    monkeypatch.setenv("AECORE_BACKEND", "torch")
+    general = run()
+    assert all(torch.equal(a, b) for a, b in zip(usual, general))
+    assert usual[0].requires_grad == grad
+
+
 def test_backends_use_different_streams():
     # Documented: both are deterministic per seed, but not bit-identical to each other.
     assert not torch.equal(noise((4, 8), 1, "torch"), noise((4, 8), 1, "triton"))
