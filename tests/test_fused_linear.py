@@ -486,3 +486,27 @@ def test_bad_inputs_raise_clear_errors(case):
     args, kwargs, exc, msg = _bad_cases()[case]
     with pytest.raises(exc, match=msg):
         fused_linear(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_usual_call_matches_the_general_path(monkeypatch, dtype, bias):
+    # The usual call (fp32/fp64 CPU tensors, no options) skips the general path's separate
+    # checks; forcing that path (AECORE_BACKEND=torch) must give the same values and gradients.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(7, 5, generator=g, dtype=dtype)
+    w0 = torch.randn(3, 5, generator=g, dtype=dtype)
+    b0 = torch.randn(3, generator=g, dtype=dtype) if bias else None
+    gy = torch.randn(7, 3, generator=g, dtype=dtype)
+
+    def run():
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        y = fused_linear(x, w, b, "leaky_relu", negative_slope=0.2)
+        y.backward(gy)
+        return [y, x.grad, w.grad] + ([] if b is None else [b.grad])
+
+    usual = run()
+    monkeypatch.setenv("AECORE_BACKEND", "torch")
+    general = run()
+    assert all(torch.equal(a, e) for a, e in zip(usual, general))
