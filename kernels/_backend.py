@@ -76,22 +76,18 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
 
 def eager_cpu(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> bool:
     """True when an op on plain tensors a, b (and c, if given) runs its torch path in plain
-    eager mode: all on the CPU, AECORE_BACKEND unset, not compiling, tracing or exporting, no
-    torch.func transform and no forward-mode dual level. The small ops' hot-path test as one
-    expression: the separate checks (resolve, exporting, transformed) cost several
+    eager mode: all on the CPU, AECORE_BACKEND auto or unset, not compiling, tracing or
+    exporting, no torch.func transform and no forward-mode dual level. The small ops' hot-path
+    test as one expression: the separate checks (resolve, exporting, transformed) cost several
     microseconds each right after other work has evicted them from the caches."""
     # is_compiling first: under dynamo it is True and the rest, not all traceable, is skipped.
     return (not torch.compiler.is_compiling() and type(a) is torch.Tensor
             and type(b) is torch.Tensor and a.is_cpu and b.is_cpu
             and _forward_ad._current_level < 0 and not _is_functorch_wrapped(a)
-            and not _is_functorch_wrapped(b) and not torch._C._is_tracing() and _env_unset()
+            and not _is_functorch_wrapped(b) and not torch._C._is_tracing()
+            and env_backend() == "auto"
             and (c is None or (type(c) is torch.Tensor and c.is_cpu
                                and not _is_functorch_wrapped(c))))
-
-
-def _env_unset() -> bool:
-    data = getattr(os.environ, "_data", None)
-    return data is not None and _BACKEND_KEY not in data
 
 
 def first_order_only(op: str) -> None:
