@@ -250,11 +250,12 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
     """Save ``model`` as a folder: the weights (safetensors), config.json and (if given)
     history.json.
 
-    config.json names the weights file and is replaced last, atomically, so a folder always
-    holds a matching (config, weights) pair, even after a crash while saving over an older
-    model: new weights go to a file the current config does not name (model.safetensors when
-    free, else model-<random hex>.safetensors), and the old weights are deleted only once the
-    new config is in place.
+    config.json names the weights and history files and is replaced last, atomically, so a
+    folder always holds a matching (config, weights, history) set, even after a crash while
+    saving over an older model: new files go to names the current config does not use
+    (model.safetensors / history.json when free, else model-<random hex>.safetensors /
+    history-<random hex>.json), and the old files are deleted only once the new config is in
+    place.
     """
     import aecore
 
@@ -290,33 +291,41 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
     directory.mkdir(parents=True, exist_ok=True)
     ours = (directory / CONFIG).is_file()  # an aecore model folder: its weights files are ours
     try:
-        current = _weights_name(read_config(directory))
+        old = read_config(directory)
+        current = [_weights_name(old), _history_name(old)]
     except (FileNotFoundError, ValueError):  # no (readable) model here yet
-        current = None
-    free = current != WEIGHTS and (ours or not (directory / WEIGHTS).exists())
-    name = WEIGHTS if free else f"model-{secrets.token_hex(4)}.safetensors"
+        current = []
+
+    def free_name(usual: str, stem: str, suffix: str) -> str:
+        # A name the current config does not use and no file of someone else's holds.
+        free = usual not in current and (ours or not (directory / usual).exists())
+        return usual if free else f"{stem}-{secrets.token_hex(4)}{suffix}"
+
+    name = free_name(WEIGHTS, "model", ".safetensors")
     save_state(directory / name, model.state_dict())
+    history_name = None
     if history_text is not None:
-        write_text(directory / HISTORY, history_text)
-    write_json(directory / CONFIG, {**config, "weights": name})
-    # The old weights, any left by an earlier save that crashed before its config, and the old
-    # model's history; in a folder that held no model (no config.json), nothing.
-    stale = [directory / current] if current is not None else []
+        history_name = free_name(HISTORY, "history", ".json")
+        write_text(directory / history_name, history_text)
+    write_json(directory / CONFIG, {**config, "weights": name, "history": history_name})
+    # The old model's files and any left by an earlier save that crashed before its config;
+    # in a folder that held no model (no config.json), nothing.
+    stale = [directory / n for n in current if n is not None]
     if ours:
-        stale += [directory / WEIGHTS, *(p for p in directory.glob("model-*.safetensors")
-                                         if _SAVE_NAME.fullmatch(p.name))]
-        if history is None:
-            stale.append(directory / HISTORY)
+        stale += [directory / WEIGHTS, directory / HISTORY,
+                  *(p for p in directory.glob("model-*") if _SAVE_NAME.fullmatch(p.name)),
+                  *(p for p in directory.glob("history-*") if _HISTORY_NAME.fullmatch(p.name))]
     for p in stale:
-        if p.name != name and p.is_file():
+        if p.name not in (name, history_name) and p.is_file():
             p.unlink()
     return directory
 
 
 # config.json's keys that save_model writes itself.
-_RESERVED = {"aecore_version", "family", "kwargs", "normalization", "weights"}
-# The names save_model gives weights when model.safetensors is taken.
+_RESERVED = {"aecore_version", "family", "kwargs", "normalization", "weights", "history"}
+# The names save_model gives weights and history when model.safetensors / history.json is taken.
 _SAVE_NAME = re.compile(r"model-[0-9a-f]{8}\.safetensors")
+_HISTORY_NAME = re.compile(r"history-[0-9a-f]{8}\.json")
 
 
 def training_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -350,6 +359,17 @@ def _weights_name(config: dict[str, Any]) -> str:
     name = config.get("weights", WEIGHTS)
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
         raise ValueError(f"{CONFIG}: 'weights' must be a .safetensors file name, got {name!r}")
+    return name
+
+
+def _history_name(config: dict[str, Any]) -> str | None:
+    """The history file a model folder's config names, None for a model saved without one
+    (history.json for folders saved before config.json named it)."""
+    name = config.get("history", HISTORY)
+    if name is not None and (not isinstance(name, str) or Path(name).name != name
+                             or not name.endswith(".json") or name == CONFIG):
+        raise ValueError(f"{CONFIG}: 'history' must be a .json file name other than {CONFIG} "
+                         f"or null, got {name!r}")
     return name
 
 
@@ -432,9 +452,14 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_history(directory: str | os.PathLike) -> list[dict]:
-    path = Path(directory) / HISTORY
+    """The training history save_model wrote beside the model ([] when it wrote none)."""
+    config = read_config(directory)
+    name = _history_name(config)
+    path = Path(directory) / (name or HISTORY)
+    if name is None or (not path.is_file() and "history" not in config):
+        return []  # saved without one (before config.json named it: history.json or nothing)
     if not path.is_file():
-        return []
+        raise FileNotFoundError(f"no history file {str(path)!r} (named by {CONFIG})")
     try:
         with open(path) as f:
             return json.load(f)

@@ -185,8 +185,8 @@ def _ae(hidden: int) -> AutoEncoder:
 
 
 def test_save_model_over_a_folder_survives_a_crash(tmp_path, monkeypatch):
-    old = _ae(6)
-    save_model(old, tmp_path / "m")
+    old, old_history = _ae(6), [{"epoch": 1, "train_loss": 6.0}]
+    save_model(old, tmp_path / "m", history=old_history)
     write_json = aecore.io.write_json
 
     def crash_on_config(path, obj):
@@ -196,19 +196,26 @@ def test_save_model_over_a_folder_survives_a_crash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(aecore.io, "write_json", crash_on_config)
     with pytest.raises(KeyboardInterrupt):
-        save_model(_ae(8), tmp_path / "m")  # the new weights are written, the config is not
+        # The new weights and history are written, the config is not.
+        save_model(_ae(8), tmp_path / "m", history=[{"epoch": 1, "train_loss": 8.0}])
     monkeypatch.undo()
     x = torch.rand(3, 12)
-    torch.testing.assert_close(load_model(tmp_path / "m")(x), old(x))  # still the old model
+    # Still the old model, with its own history.
+    torch.testing.assert_close(load_model(tmp_path / "m")(x), old(x))
+    assert aecore.io.load_history(tmp_path / "m") == old_history
 
-    new = _ae(8)
-    save_model(new, tmp_path / "m")
+    new, new_history = _ae(8), [{"epoch": 1, "train_loss": 8.5}]
+    save_model(new, tmp_path / "m", history=new_history)
     torch.testing.assert_close(load_model(tmp_path / "m")(x), new(x))
-    # One weights file left: the crashed save's and the old ones are gone.
+    assert aecore.io.load_history(tmp_path / "m") == new_history
+    # One weights and one history file left: the crashed save's and the old ones are gone.
     assert len(list((tmp_path / "m").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "m").glob("history*.json"))) == 1
     save_model(old, tmp_path / "m")
     torch.testing.assert_close(load_model(tmp_path / "m")(x), old(x))
-    assert [p.name for p in (tmp_path / "m").glob("*.safetensors")] == ["model.safetensors"]
+    assert aecore.io.load_history(tmp_path / "m") == []
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
+                                                                  "model.safetensors"]
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -298,6 +305,25 @@ def test_load_model_reads_folders_saved_before_config_named_the_weights(tmp_path
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'weights' must be a .safetensors file name"):
         load_model(tmp_path / "m")
+
+
+def test_load_history_reads_folders_saved_before_config_named_it(tmp_path):
+    history = [{"epoch": 1, "train_loss": 1.0}]
+    save_model(_ae(6), tmp_path / "m", history=history)
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("history") == "history.json"
+    path.write_text(json.dumps(config))
+    assert aecore.io.load_history(tmp_path / "m") == history
+    (tmp_path / "m" / "history.json").unlink()
+    assert aecore.io.load_history(tmp_path / "m") == []  # such a folder may have none
+    path.write_text(json.dumps({**config, "history": "history.json"}))
+    with pytest.raises(FileNotFoundError, match=r"no history file .*\(named by config.json\)"):
+        aecore.io.load_history(tmp_path / "m")
+    for bad in ("../h.json", "config.json", "h.txt", 3):
+        path.write_text(json.dumps({**config, "history": bad}))
+        with pytest.raises(ValueError, match="'history' must be a .json file name"):
+            aecore.io.load_history(tmp_path / "m")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Trainer moves the "
