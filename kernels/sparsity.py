@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aecore.kernels._backend import exporting, interpreting, resolve, transformed
+from aecore.kernels._backend import eager_cpu, exporting, interpreting, resolve, transformed
 
 # rho_hat is clamped into [EPS, 1 - EPS] so that a dead (all-zero) or saturated (all-one) unit
 # gives a finite loss (at most ~log(1/EPS) per unit) and a bounded gradient (<= 1 / (EPS * B)).
@@ -242,10 +242,13 @@ _kl_sparsity_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --- public function -----------------------------------------------------------------------------
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _validate(h: object, rho: object) -> None:
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
-    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if h.dtype not in _DTYPES:
         raise TypeError(f"h must be a float32, float16, bfloat16 or float64 tensor (sigmoid "
                         f"activations), got {h.dtype}")
     if h.dim() != 2:
@@ -266,6 +269,12 @@ def kl_sparsity(h: torch.Tensor, rho: float, *, backend: str | None = None) -> t
     any strides. rho: target mean activation in (0, 1). rho_hat is clamped into
     [EPS, 1 - EPS]. Differentiable in h; the result has h's dtype.
     """
+    if (backend is None and type(rho) is float and 0.0 < rho < 1.0
+            and isinstance(h, torch.Tensor) and h.dtype in _DTYPES and h.dim() == 2
+            and h.shape[0] and h.shape[1] and eager_cpu(h, h)):
+        # The usual call (a CPU tensor in eager mode, no options), checked in one expression:
+        # the general path's separate checks cost as much as the math at a code layer's size.
+        return kl_sparsity_reference(h, rho)
     _validate(h, rho)
     which = "torch" if exporting() else resolve(backend, h)
     if which == "torch" or transformed(h):

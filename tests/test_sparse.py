@@ -138,6 +138,25 @@ def test_kl_sparsity_reference_is_the_same_math():
     assert abs(float(kl_sparsity_reference(h, 0.05)) - oracle_loss(h, 0.05)) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_usual_call_matches_the_general_path(monkeypatch, dtype):
+    # The usual call (a CPU tensor, no options) skips the general path's separate checks;
+    # forcing that path (AECORE_BACKEND=torch) must give the same value and gradient.
+    h0 = _h((40, 23), dtype=dtype, seed=9).t().contiguous().t()  # column-major
+
+    def run():
+        h = h0.clone().requires_grad_()
+        loss = kl_sparsity(h, 0.05)
+        loss.backward()
+        return loss, h.grad
+
+    usual = run()
+    monkeypatch.setenv("AECORE_BACKEND", "torch")
+    general = run()
+    assert all(torch.equal(a, e) for a, e in zip(usual, general))
+    assert abs(float(usual[0]) - oracle_loss(h0.double(), 0.05)) < 1e-3 * float(usual[0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kl_sparsity_op_against_oracle(backend, dtype):
