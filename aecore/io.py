@@ -455,10 +455,12 @@ def load_history(directory: str | os.PathLike) -> list[dict]:
     """The training history save_model wrote beside the model ([] when it wrote none)."""
     config = read_config(directory)
     name = _history_name(config)
-    path = Path(directory) / (name or HISTORY)
-    if name is None or (not path.is_file() and "history" not in config):
-        return []  # saved without one (before config.json named it: history.json or nothing)
+    if name is None:  # saved without one
+        return []
+    path = Path(directory) / name
     if not path.is_file():
+        if "history" not in config:  # saved before config.json named it: maybe without one
+            return []
         raise FileNotFoundError(f"no history file {str(path)!r} (named by {CONFIG})")
     try:
         with open(path) as f:
