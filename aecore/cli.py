@@ -52,7 +52,7 @@ def _cmd_train(args) -> int:
         default_epochs,
         train_targets,
     )
-    from aecore.io import CONFIG, HISTORY, WEIGHTS, check_output_dir, save_model
+    from aecore.io import CONFIG, check_model_dir, check_output_dir, save_model
     from aecore.plots import plot_history
     from aecore.train import Trainer, TrainingDiverged, init_distributed
 
@@ -80,9 +80,10 @@ def _cmd_train(args) -> int:
         except ValueError as e:
             raise ValueError(f"--corruption: {e}") from None
     check_output_dir(Path(args.out) / "checkpoints", "--out")
-    check_output_dir(args.out, "--out", (CONFIG, HISTORY, WEIGHTS, "loss.png", "latent.png"))
+    check_output_dir(args.out, "--out", ("loss.png", "latent.png"))
+    check_model_dir(args.out, "--out")
     out = Path(args.out)
-    if (out.is_dir() and not (out / "config.json").is_file()
+    if (out.is_dir() and not (out / CONFIG).is_file()
             and not (out / "checkpoints").is_dir() and any(out.iterdir())):
         # Its config.json, loss.png or model.safetensors would be replaced among them.
         raise ValueError(f"--out {args.out} holds other files and no aecore model: choose a new "

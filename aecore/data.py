@@ -100,12 +100,17 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+def _fashion_mnist_folders(root: str | os.PathLike | None) -> list:
+    # A folder the user named (root, else $AECORE_FASHION_MNIST) is the only place looked in:
+    # the system copy never stands in for it quietly.
+    named = root if root is not None else os.environ.get("AECORE_FASHION_MNIST") or None
+    return [named] if named is not None else list(FASHION_MNIST_DIRS)
+
+
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path | None:
-    """The folder holding the four Fashion-MNIST files: ``root``, $AECORE_FASHION_MNIST, or the
-    Debian package's location; None when absent."""
-    candidates = [root] if root is not None else [os.environ.get("AECORE_FASHION_MNIST"),
-                                                  *FASHION_MNIST_DIRS]
-    for c in candidates:
+    """The folder holding the four Fashion-MNIST files: ``root``, else $AECORE_FASHION_MNIST,
+    else the Debian package's location; None when absent from the one looked in."""
+    for c in _fashion_mnist_folders(root):
         files = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
         if c and all((Path(c) / f).is_file() for f in files):
             return Path(c)
@@ -116,7 +121,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> Dataset:
     """Fashion-MNIST: 60000 train / 10000 test 28x28 grey images, 10 classes."""
     folder = find_fashion_mnist(root)
     if folder is None:
-        where = repr(str(root)) if root is not None else " or ".join(FASHION_MNIST_DIRS)
+        where = " or ".join(repr(str(c)) for c in _fashion_mnist_folders(root))
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {where}. Install it with "
             "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four "

@@ -136,8 +136,17 @@ def sample_rows(raw: np.ndarray, shape, name: str,
     # Normalisation may be per feature: apply it on rows in the model's own layout.
     if normalization is not None:
         normalization.check_fits(shape, name)
-    x = raw.reshape(n, *shape).astype(np.float32)
-    return np.ascontiguousarray(normalization.apply(x) if normalization is not None else x)
+    with np.errstate(over="ignore"):  # overflow is reported below, naming the argument
+        x = raw.reshape(n, *shape).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} holds values beyond float32's range (|v| > 3.4e38), "
+                             "in which the model computes")
+        if normalization is not None:
+            x = normalization.apply(x)
+            if not np.isfinite(x).all():
+                raise ValueError(f"{name} holds values that overflow float32 once the "
+                                 "model's normalization scales them")
+    return np.ascontiguousarray(x)
 
 
 def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = (),
@@ -187,6 +196,27 @@ def check_output_dir(out: str | os.PathLike, name: str = "--out",
         if (out / f).is_dir():
             raise ValueError(f"{name}: {str(out / f)!r} is a folder, where the file {f} goes")
     return out
+
+
+def check_model_dir(out: str | os.PathLike, name: str = "--out") -> Path:
+    """``out`` as a Path, after checking that :func:`save_model` may write a model there: it
+    can be a folder, and a config.json in it is an aecore model's (one naming its family and
+    kwargs), whose files a new save replaces. Anything else there is someone else's: ValueError
+    rather than replacing that config.json and deleting its model.safetensors."""
+    out = check_output_dir(out, name, (CONFIG, HISTORY, WEIGHTS))
+    path = out / CONFIG
+    if not path.is_file():
+        return out
+    try:
+        config = read_config(out)
+    except ValueError as e:
+        why = str(e)
+    else:
+        if isinstance(config.get("family"), str) and isinstance(config.get("kwargs"), dict):
+            return out
+        why = f"{str(path)!r} names no aecore model family and kwargs"
+    raise ValueError(f"{name} {str(out)!r} holds a config.json that is not an aecore model's "
+                     f"({why}); it would be replaced: choose another folder")
 
 
 def _strict(obj: Any) -> Any:
@@ -287,7 +317,7 @@ def save_model(model, directory: str | os.PathLike, history: list[dict] | None =
         json_text(config)
     except TypeError as e:
         raise TypeError(f"extra must hold JSON values only ({e})") from None
-    directory = Path(directory)
+    directory = check_model_dir(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     ours = (directory / CONFIG).is_file()  # an aecore model folder: its weights files are ours
     try:

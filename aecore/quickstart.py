@@ -4,6 +4,7 @@ the training images by latent similarity."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from aecore import data as datasets
 from aecore.families import Sizes, build
-from aecore.io import CONFIG, HISTORY, WEIGHTS, check_output_dir, save_model
+from aecore.io import check_model_dir, check_output_dir, save_model
 from aecore.plots import plot_history, save_image_grid
 from aecore.search import LatentIndex, embed, precision_at_k
 from aecore.train import Trainer
@@ -42,11 +43,13 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
         raise ValueError(f"--epochs must be a positive integer, got {epochs}")
     out = Path(out)
     # Before training, not after.
-    check_output_dir(out / "model", "--out", (CONFIG, HISTORY, WEIGHTS))
+    check_model_dir(out / "model", "--out")
     check_output_dir(out, "--out", ("reconstructions.png", "search.png", "loss.png"))
     torch.manual_seed(seed)
-    if data_root is not None or datasets.find_fashion_mnist() is not None:
-        # A folder the user named must hold the data: no quiet fallback from it.
+    if (data_root is not None or os.environ.get("AECORE_FASHION_MNIST")
+            or datasets.find_fashion_mnist() is not None):
+        # A folder the user named (--data-root, $AECORE_FASHION_MNIST) must hold the data: no
+        # quiet fallback from it.
         data = datasets.load_fashion_mnist(data_root)
         epochs = 15 if epochs is None else epochs
     else:

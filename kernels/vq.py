@@ -20,6 +20,12 @@ row while a finite code exists.
 The returned distance is recomputed directly as ``sum((x - c)^2)`` for the chosen code, so it
 has no cancellation error (the expanded form loses everything below eps * ||x||^2).
 
+Range: the scores are squares and products of entries, so in float32 (fp32 and bf16 inputs)
+entries must stay within about 1e-18 < |v| < 1e18 where they matter: beyond, ``||c||^2`` or
+``x.c`` overflows (a finite code then scores +inf, like a non-finite one, and is never chosen)
+or underflows to 0 (close codes tie and the lowest index wins). Scale such data, or pass
+float64 (torch backend).
+
 Precision: fp32 and fp16 load as they are, bf16 is upcast to fp32 on load (the interpreter gets
 bf16 arithmetic wrong); products accumulate in fp32 with IEEE fp32 dot products (TF32 would
 perturb close assignments). Distances are float32 for fp16/bf16/fp32 inputs (squared fp16
@@ -242,9 +248,10 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, *, backend: str | None =
 
     Ties go to the lowest index (as ``torch.argmin``). A row holding NaN or Inf has no nearest
     code: its index means nothing (0 for NaN) and its distance is NaN or Inf. Distances are
-    float32 for fp16/bf16/fp32 and float64 for float64. Not differentiable (inputs are
-    detached). ``backend``: "auto" | "triton" | "torch" (see ``aecore.kernels._backend.resolve``);
-    float64 runs on torch.
+    float32 for fp16/bf16/fp32 and float64 for float64; in float32 entries must keep their
+    squares in range (about 1e-18 < |v| < 1e18, see the module docstring). Not differentiable
+    (inputs are detached). ``backend``: "auto" | "triton" | "torch" (see
+    ``aecore.kernels._backend.resolve``); float64 runs on torch.
     """
     _validate(x, codebook)
     use_triton = resolve(backend, x, codebook) == "triton"

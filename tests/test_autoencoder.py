@@ -125,6 +125,22 @@ def test_save_model_refuses_non_finite_weights(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("config", ['{"model_type": "bert"}', "{", "[1]"],
+                         ids=["another-tool", "not-json", "not-an-object"])
+def test_save_model_leaves_another_tools_folder_alone(tmp_path, config):
+    # A config.json that no aecore save wrote is someone else's, and so is the weights file
+    # beside it: neither is replaced or deleted.
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(config)
+    (other / "model.safetensors").write_bytes(b"their weights")
+    with pytest.raises(ValueError, match="holds a config.json that is not an aecore model's"):
+        save_model(AutoEncoder(12, [6], 2), other)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "model.safetensors"]
+    assert (other / "config.json").read_text() == config
+    assert (other / "model.safetensors").read_bytes() == b"their weights"
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda d, c: (d / "config.json").write_text("{"), "is not valid JSON"),
     (lambda d, c: (d / "config.json").write_text("[1]"), "must hold a JSON object"),

@@ -395,3 +395,8 @@ def test_commands_refuse_models_and_folders_they_cannot_serve(tmp_path, capsys):
     (other / "loss.png").write_bytes(b"my plot")
     refused(_train(tmp_path, **{"--out": str(other)}), "holds other files and no aecore model")
     assert [p.name for p in other.iterdir()] == ["loss.png"]
+    # Nor is another tool's model folder, though it holds a config.json.
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    refused(_train(tmp_path, **{"--out": str(other)}),
+            "holds a config.json that is not an aecore model's")
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "loss.png"]

@@ -263,6 +263,8 @@ def test_denoise_file_rejects_wrong_sizes(denoiser, tmp_path):
 @pytest.mark.parametrize("raw,match", [
     (np.zeros((0, 64), np.float32), r"input '.*' holds no samples"),
     (np.full((2, 64), np.nan, np.float32), r"input '.*' contains NaN or Inf"),
+    # Finite in float64, Inf once cast to the model's float32.
+    (np.full((2, 64), 1e39), r"input '.*' holds values beyond float32's range"),
 ])
 def test_denoise_file_rejects_empty_and_nonfinite_inputs(tmp_path, raw, match):
     save_model(AutoEncoder(64, hidden_dims=(8,), latent_dim=4), tmp_path / "model")

@@ -67,6 +67,19 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
         data.load_fashion_mnist(tmp_path)
 
 
+def test_a_folder_named_by_the_environment_is_the_only_one_looked_in(tmp_path, monkeypatch):
+    # Even where the system copy is installed, a wrong $AECORE_FASHION_MNIST is an error that
+    # names it, not a quiet fallback; a root passed in wins over it; an empty one means unset.
+    monkeypatch.setenv("AECORE_FASHION_MNIST", str(tmp_path / "nowhere"))
+    assert data.find_fashion_mnist() is None
+    with pytest.raises(FileNotFoundError, match=f"not found in '{tmp_path / 'nowhere'}'"):
+        data.load_fashion_mnist()
+    with pytest.raises(FileNotFoundError, match=f"not found in '{tmp_path / 'other'}'"):
+        data.load_fashion_mnist(tmp_path / "other")
+    monkeypatch.setenv("AECORE_FASHION_MNIST", "")
+    assert data.find_fashion_mnist() == data.find_fashion_mnist(data.FASHION_MNIST_DIRS[0])
+
+
 @pytest.mark.skipif(data.find_fashion_mnist() is None, reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     d = data.load("fashion-mnist")
@@ -203,6 +216,21 @@ def test_normalization_checks_mean():
     with pytest.raises(ValueError, match=r"fit takes a \(N, F\) array .* got shape \(5,\)"):
         Normalization.fit(np.arange(5.0))
     assert Normalization(mean=[0.0, 1.0], std=2.0).apply(np.ones((1, 2))).tolist() == [[0.5, 0]]
+
+
+def test_inputs_that_leave_float32_are_refused():
+    from aecore import AutoEncoder
+    from aecore.io import model_inputs
+
+    m = AutoEncoder(2, [2], 1)
+    with pytest.raises(ValueError, match=r"input holds values beyond float32's range"):
+        model_inputs(m, np.array([[1e39, 0.0]]), "input")
+    # Finite raw values that a tiny std scales past float32's largest.
+    m.normalization = Normalization(mean=0.0, std=1e-30)
+    with pytest.raises(ValueError, match="input holds values that overflow float32 once the "
+                                         "model's normalization scales them"):
+        model_inputs(m, np.array([[1e10, 0.0]]), "input")
+    assert model_inputs(m, np.array([[1e-25, 0.0]]), "input").tolist() == [[pytest.approx(1e5), 0]]
 
 
 def test_a_normalization_must_fit_the_model_it_travels_with(tmp_path):

@@ -10,6 +10,7 @@ from aecore.quickstart import run
 def no_fashion_mnist(monkeypatch):
     # Where Fashion-MNIST is not installed, the quickstart falls back to scikit-learn's digits.
     monkeypatch.setattr(data, "find_fashion_mnist", lambda root=None: None)
+    monkeypatch.delenv("AECORE_FASHION_MNIST", raising=False)
 
 
 def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys, no_fashion_mnist):
@@ -41,7 +42,20 @@ def test_quickstart_checks_epochs_and_out_before_training(tmp_path, no_fashion_m
             run(out=tmp_path / taken.split("/")[0], epochs=1, progress=False)
 
 
-def test_quickstart_never_falls_back_from_a_data_root_it_was_given(tmp_path):
+def test_quickstart_never_falls_back_from_a_data_root_it_was_given(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found in"):
         run(out=tmp_path / "qs", epochs=1, data_root=str(tmp_path / "empty"), progress=False)
     assert not (tmp_path / "qs" / "model").exists()
+    # Nor from one named by $AECORE_FASHION_MNIST.
+    monkeypatch.setenv("AECORE_FASHION_MNIST", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=f"Fashion-MNIST not found in '{tmp_path}"):
+        run(out=tmp_path / "qs", epochs=1, progress=False)
+    assert not (tmp_path / "qs" / "model").exists()
+
+
+def test_quickstart_leaves_another_tools_model_folder_alone(tmp_path, no_fashion_mnist):
+    (tmp_path / "qs" / "model").mkdir(parents=True)
+    (tmp_path / "qs" / "model" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="holds a config.json that is not an aecore model's"):
+        run(out=tmp_path / "qs", epochs=1, progress=False)
+    assert [p.name for p in (tmp_path / "qs" / "model").iterdir()] == ["config.json"]

@@ -109,6 +109,25 @@ def test_non_finite_codes_are_never_nearest(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e17, 1e-17])
+def test_float32_range_edges(backend, scale):
+    # The documented float32 range: squares of entries near 1e17 and 1e-17 stay finite and
+    # normal, so the picks are the oracle's.
+    g = torch.Generator().manual_seed(3)
+    x, codebook = scale * torch.randn(37, 17, generator=g), scale * torch.randn(40, 17, generator=g)
+    _check(x, codebook, backend)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_float64_beyond_the_float32_range(scale):
+    g = torch.Generator().manual_seed(4)
+    x = scale * torch.randn(37, 17, generator=g, dtype=torch.float64)
+    codebook = scale * torch.randn(40, 17, generator=g, dtype=torch.float64)
+    # Float64 is the way for data beyond float32's range (the module docstring).
+    _check(x, codebook, "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_a_non_finite_row_gets_a_non_finite_distance(backend, bad):
     g = torch.Generator().manual_seed(1)
