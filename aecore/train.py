@@ -62,6 +62,9 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world_size); joins the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            # One GPU per rank: "cuda" (the Trainer's default device) then means this rank's.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         # Torch asks for a group to be destroyed before exit rather than left to interpreter
         # teardown, where its threads are torn down in no set order.
@@ -69,6 +72,24 @@ def init_distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _check_same_run(folder: Path, saved: dict | None, run: dict) -> None:
+    """ValueError naming what differs when a checkpoint's run split other data, or split it
+    otherwise, than this one (checkpoints that predate this record are not checked)."""
+    if saved is None:
+        return
+    differ = [k for k, v in run.items() if saved.get(k) != v and not (
+        k == "data_sum" and isinstance(saved.get(k), float)
+        and math.isclose(saved[k], v, rel_tol=1e-9, abs_tol=1e-9))]
+    if "samples" in differ or "sample_shape" in differ:
+        differ = [k for k in differ if k != "data_sum"]  # other data, said more precisely
+    if differ:
+        what = "; ".join("other data" if k == "data_sum" else
+                         f"{k} {saved.get(k)!r} (now {run[k]!r})" for k in differ)
+        raise ValueError(f"checkpoint {folder} comes from a run with {what}: the "
+                         "train/validation split would differ. Resume with the same data, seed "
+                         "and val_fraction, or start afresh in another checkpoint folder")
 
 
 @torch.no_grad()
@@ -273,6 +294,11 @@ class Trainer:
                              f"{self.world} processes: every rank needs one per step")
         shuffle = torch.Generator().manual_seed(self.seed + 1)
         noise = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        # What fixes the train/validation split: a resume must see the same, or epochs of the
+        # earlier run would have trained on what is now validation data.
+        run = {"seed": self.seed, "val_fraction": self.val_fraction, "samples": len(x),
+               "sample_shape": list(x.shape[1:]),
+               "data_sum": float(x.sum(dtype=torch.float64))}
         start, best, bad_epochs, best_state = 1, math.inf, 0, None
         self.history = []  # this run's (a resumed run's own from its checkpoint)
         last_good = None  # the newest checkpoint of this run known to hold finite weights
@@ -286,12 +312,19 @@ class Trainer:
             folder = latest_checkpoint(self.checkpoint_dir)
             if folder is not None:
                 state, rng = load_checkpoint(folder, self.model, self.optimizer)
+                _check_same_run(folder, state.get("run"), run)
                 last_good = folder
                 # The optimizer state brought the old run's hyperparameters: this Trainer's win.
                 for group in self.optimizer.param_groups:
                     group["lr"], group["weight_decay"] = self.lr, self.weight_decay
                 shuffle.set_state(rng["shuffle"])
-                noise.set_state(rng["noise"])
+                if rng["noise"].numel() == noise.get_state().numel():
+                    noise.set_state(rng["noise"])
+                else:  # a generator of another device type (a GPU run resumed on a CPU)
+                    warnings.warn(f"checkpoint {folder} was written on another kind of device: "
+                                  "the input noise (corruption) continues from a fresh seed, "
+                                  "not where that run left it", stacklevel=2)
+                    noise.manual_seed(self.seed + 2 + state["epoch"])
                 torch.set_rng_state(rng["torch"])
                 if "cuda" in rng and torch.cuda.is_available():
                     torch.cuda.set_rng_state(rng["cuda"])
@@ -332,7 +365,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / seen:.4g}")
             record: dict[str, float] = {"epoch": epoch}
             if self.world > 1:
-                packed = torch.tensor([seen, *sums.values()], dtype=torch.float64)
+                # On the training device: NCCL reduces CUDA tensors only.
+                packed = torch.tensor([seen, *sums.values()], dtype=torch.float64,
+                                      device=self.device)
                 dist.all_reduce(packed)
                 seen, sums = int(packed[0]), dict(zip(sums, packed[1:].tolist()))
             record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
@@ -373,7 +408,8 @@ class Trainer:
                 last_good = save_checkpoint(
                     self.checkpoint_dir, epoch, self.model, self.optimizer,
                     self._rng_state(shuffle, noise),
-                    {"history": self.history, "best": best, "bad_epochs": bad_epochs},
+                    {"history": self.history, "best": best, "bad_epochs": bad_epochs,
+                     "run": run},
                     best=best_state)
             if self.patience is not None and bad_epochs >= self.patience:
                 if self.rank == 0 and self.progress:

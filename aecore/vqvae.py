@@ -217,6 +217,7 @@ class VQVAE(AutoEncoderBase):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z_q (B, latent_dim) -> reconstruction (B, *input_shape)."""
+        self.check_code(z)
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,8 +267,8 @@ class VQVAE(AutoEncoderBase):
         give, through :meth:`pooled_terms`, the perplexity of the whole set, whatever its
         batching (:func:`aecore.train.evaluate` reports that one).
         """
-        if y is not None:
-            raise ValueError("y must be None: the VQ-VAE is unconditional")
+        # y (labels the Trainer passes to every model) plays no part: the VQ-VAE is
+        # unconditional, like the other unconditional families.
         target = self.check_loss_inputs(x, target)
         z_e = self.encode(x)
         flat, idx = self._assign(z_e)

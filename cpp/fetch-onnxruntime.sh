@@ -9,9 +9,11 @@ if [ -f "$DEST/include/onnxruntime/onnxruntime_cxx_api.h" ]; then
     echo "ONNX Runtime headers already in $DEST"
     exit 0
 fi
-# The Debian mirror apt already uses here.
-MIRROR="$(grep -hoE '^(URIs:|deb) +[^ ]*debian[^ ]*' /etc/apt/sources.list.d/*.sources \
-    /etc/apt/sources.list 2>/dev/null | grep -v security | head -1 | awk '{print $2}' || true)"
+# The Debian mirror apt already uses here: the URL after "URIs:" (deb822) or after "deb" and
+# its optional [options] (one-line format).
+MIRROR="$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+    | sed -nE 's/^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]*debian[^[:space:]]*).*/\3/p' \
+    | grep -v security | head -1 || true)"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

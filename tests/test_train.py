@@ -289,6 +289,41 @@ def test_resuming_an_early_stopped_run_stops_at_once(digits, tmp_path):
         assert torch.equal(again.model.state_dict()[k], v), k
 
 
+def test_resume_rejects_a_run_that_splits_other_data(digits, tmp_path):
+    def resume(x, **kwargs):
+        Trainer(_model(), epochs=2, progress=False, checkpoint_dir=tmp_path,
+                **kwargs).fit(x, resume=True)
+
+    Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    for x, kwargs, match in ((digits[:200], {"seed": 7}, r"seed 0 \(now 7\)"),
+                             (digits[:200], {"val_fraction": 0.2},
+                              r"val_fraction 0.1 \(now 0.2\)"),
+                             (digits[:300], {}, r"samples 200 \(now 300\)"),
+                             (digits[1:201], {}, "other data")):
+        with pytest.raises(ValueError, match=match + ": the train/validation split would differ"):
+            resume(x, **kwargs)
+    resume(digits[:200], batch_size=32)  # what the split does not depend on may change
+
+
+def test_resume_on_another_kind_of_device_continues_with_fresh_noise(digits, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from aecore.corruption import parse_corruption
+
+    def trainer(epochs):
+        return Trainer(_model(), epochs=epochs, progress=False, checkpoint_dir=tmp_path,
+                       corruption=parse_corruption("gaussian:0.1"))
+
+    trainer(1).fit(digits[:200])
+    # A CUDA generator's state (16 bytes) where this CPU run keeps its own (5056).
+    rng_file = latest_checkpoint(tmp_path) / "rng.safetensors"
+    rng = load_file(str(rng_file))
+    save_file({**rng, "noise": torch.zeros(16, dtype=torch.uint8)}, str(rng_file))
+    with pytest.warns(UserWarning, match="written on another kind of device: the input noise"):
+        hist = trainer(2).fit(digits[:200], resume=True)
+    assert [h["epoch"] for h in hist] == [1, 2] and math.isfinite(hist[-1]["train_loss"])
+
+
 def test_resume_rejects_another_family_or_config(digits, tmp_path):
     from aecore.sparse import SparseAutoEncoder
 

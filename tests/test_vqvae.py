@@ -317,8 +317,16 @@ def test_bad_call_arguments(digits):
     model = _model()
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 64\), got \(3, 63\)"):
         model(torch.zeros(3, 63))
-    with pytest.raises(ValueError, match="y must be None"):
-        model.loss(digits[:2], y=torch.zeros(2))
+    # Labels, which the Trainer passes to every model, leave an unconditional loss as it is.
+    torch.manual_seed(0)
+    with_y = model.eval().loss(digits[:2], y=torch.zeros(2))
+    assert all(torch.equal(v, model.loss(digits[:2])[k]) for k, v in with_y.items())
+    for z, err, match in ((torch.zeros(32), ValueError, r"z must have shape \(batch, 32\)"),
+                          (torch.zeros(2, 31), ValueError, r"z must have shape \(batch, 32\)"),
+                          (torch.zeros(2, 32, dtype=torch.float64), TypeError,
+                           "z must have the model's dtype torch.float32")):
+        with pytest.raises(err, match=match):
+            model.decode(z)
     with pytest.raises(ValueError, match=r"z_e must have shape \(batch, 32\)"):
         model.quantize(torch.zeros(2, 31))
     with pytest.raises(TypeError, match="indices must be an integer tensor, got torch.float32"):
