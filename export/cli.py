@@ -55,8 +55,10 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
                     model.normalization if part != "recommender" else None)
     if part != "decoder":
         return x
+    from aecore.export.onnx_export import _encode
+
     with torch.no_grad():
-        code = model.encode(torch.from_numpy(x))
+        code = _encode(model, torch.from_numpy(x))  # the encoder part's code
     return (code[0] if isinstance(code, tuple) else code).numpy()
 
 

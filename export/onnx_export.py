@@ -1,12 +1,14 @@
 """Export aecore models to one self-contained, verified ONNX file.
 
-Parts: ``autoencoder`` (x -> reconstruction), ``encoder`` (x -> code; mu and logvar for VAEs),
-``decoder`` (code -> reconstruction), ``generator`` (noise -> sample, for models with a prior;
-the noise is an input so results are reproducible), ``scorer`` (x -> per-sample
-reconstruction error and an is-anomaly flag against a threshold) and ``recommender`` (a user's
-interaction row (B, I) -> the ``k`` items the user has not interacted with that score highest in
-the reconstruction, int64 (B, k), and their scores, best first; a user with fewer than k unseen
-items gets the rest with score -inf). Conditional models take int64 labels as a second input.
+Parts: ``autoencoder`` (x -> reconstruction), ``encoder`` (x -> code; mu and logvar for VAEs;
+for the VQ-VAE the quantized code z, what its decoder takes, and the int64 code indices
+(B, num_latents), what a compressed file stores), ``decoder`` (code -> reconstruction),
+``generator`` (noise -> sample, for models with a prior; the noise is an input so results are
+reproducible), ``scorer`` (x -> per-sample reconstruction error and an is-anomaly flag against a
+threshold) and ``recommender`` (a user's interaction row (B, I) -> the ``k`` items the user has
+not interacted with that score highest in the reconstruction, int64 (B, k), and their scores,
+best first; a user with fewer than k unseen items gets item -1 with score -inf in the slots
+left). Conditional models take int64 labels as a second input.
 """
 
 from __future__ import annotations
@@ -70,17 +72,27 @@ class _Part(nn.Module):
         m, extra = self.model, ((y,) if self.cond else ())
         if self.part == "recommender":
             scores, items = torch.topk(self.item_scores(x), self.k, dim=1)
-            return items, scores
+            # Slots past a user's unseen items hold no recommendation: item -1, not a seen
+            # one. Those are the -inf scores (seen items; a model's own scores are finite).
+            return items.masked_fill(scores == float("-inf"), -1), scores
         if self.part == "autoencoder":
             return m(x, *extra)
         if self.part == "encoder":
-            return m.encode(x, *extra)
+            return _encode(m, x, *extra)
         if self.part in ("decoder", "generator"):
             return m.decode(x, *extra)
         err = m.reconstruction_error(x, *extra)
         # Not (err <= threshold) rather than err > threshold: a NaN score (a corrupt sample)
         # is flagged, not passed as normal.
         return err, ~(err <= self.threshold)
+
+
+def _encode(model, x, *extra):
+    """The encoder part's outputs: the code (mu, logvar for VAEs); for the VQ-VAE the
+    quantized code and the code indices, so that the decoder part continues from them."""
+    if model.family == "vq-vae":
+        return model.quantize(model.encode(x))
+    return model.encode(x, *extra)
 
 
 def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
@@ -91,6 +103,8 @@ def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
         outputs = ["score", "is_anomaly"]
     elif part == "recommender":
         outputs = ["items", "scores"]
+    elif part == "encoder" and model.family == "vq-vae":
+        outputs = ["z", "indices"]
     elif part == "encoder" and n_outputs == 2:
         outputs = ["mu", "logvar"]
     elif part == "encoder":
@@ -109,7 +123,7 @@ def _examples(model, part: str, batch: int, generator: torch.Generator) -> tuple
               if _conditional(model) else None)
     if part in ("decoder", "generator"):
         with torch.no_grad():
-            code = model.encode(x, labels) if labels is not None else model.encode(x)
+            code = _encode(model, x, labels) if labels is not None else _encode(model, x)
         code = code[0] if isinstance(code, tuple) else code
         x = (torch.randn(code.shape, generator=generator) if part == "generator"
              else code.contiguous())
@@ -186,7 +200,9 @@ def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names
                     # items are right when torch scores them as it scores its own top k.
                     with torch.no_grad():
                         full = wrapper.item_scores(feed[0]).numpy()
-                    picked = np.take_along_axis(full, g.astype(np.int64), 1)
+                    g = g.astype(np.int64)  # -1: no item (score -inf)
+                    picked = np.where(g >= 0, np.take_along_axis(full, np.maximum(g, 0), 1),
+                                      -np.inf)
                     mismatch = float(np.sum(g != w))
                     worst[key] = max(worst.get(key, 0.0), mismatch)
                     if g.shape != w.shape or not np.allclose(picked, want[1], rtol=rtol,

@@ -183,11 +183,13 @@ def test_recommender_part_matches_recommend_in_onnx_runtime(tmp_path, family):
         assert out["items"].dtype == np.int64
         np.testing.assert_array_equal(out["items"], items.numpy())
         np.testing.assert_allclose(out["scores"], scores.numpy(), rtol=1e-5, atol=1e-7)
-    # A user with fewer than k unseen items gets the rest as -inf, never as a seen item's score.
-    full = np.ones((1, 40), np.float32)
+    # A user with fewer than k unseen items gets the rest as item -1 scored -inf, never as a
+    # seen item.
+    full = np.ones((2, 40), np.float32)
     full[0, :2] = 0.0
     out = runtime.run_all(full)
     assert set(out["items"][0, :2]) == {0, 1} and np.isneginf(out["scores"][0, 2:]).all()
+    assert (out["items"][0, 2:] == -1).all() and (out["items"][1] == -1).all()
 
 
 def test_recommender_part_rejects_bad_k_and_models_and_disagreeing_graphs(tmp_path):
