@@ -130,6 +130,11 @@ def sample_rows(raw: np.ndarray, shape, name: str,
                          f"got an array of shape {raw.shape}")
     if n == 0:
         raise ValueError(f"{name} holds no samples (shape {raw.shape})")
+    if len(shape) > 1 and raw.ndim == len(shape) + 1 and raw.shape[1:] != shape:
+        # (N, 28, 28, 1) for (1, 28, 28): the same size in another layout, which a reshape
+        # would scramble without a word.
+        raise ValueError(f"{name} must hold samples of shape {shape} (channels first), got "
+                         f"an array of shape {raw.shape}: transpose it (channels last?)")
     if not np.isfinite(raw).all():
         # NaN/Inf would come out as NaN rows looking like a result.
         raise ValueError(f"{name} contains NaN or Inf")

@@ -85,7 +85,9 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     print(f"image search, precision@10 (neighbours of the query's class)  autoencoder codes: "
           f"{ae_prec:.3f}   PCA codes: {pca_prec:.3f}")
 
-    save_model(model, out / "model", history, extra={"data": data.name, "seed": seed})
+    # The data root too: search and export rebuild the split from the config.
+    save_model(model, out / "model", history,
+               extra={"data": data.name, "data_root": data_root, "seed": seed})
     n = 10
     grid = np.concatenate([x_test[:n], np.clip(recon[:n], 0, 1)]).reshape(2 * n, *data.sample_shape)
     save_image_grid(grid, out / "reconstructions.png", nrow=n,

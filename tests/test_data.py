@@ -233,6 +233,19 @@ def test_inputs_that_leave_float32_are_refused():
     assert model_inputs(m, np.array([[1e-25, 0.0]]), "input").tolist() == [[pytest.approx(1e5), 0]]
 
 
+def test_image_samples_in_another_layout_are_refused():
+    from aecore import ConvAutoEncoder
+    from aecore.io import model_inputs
+
+    m = ConvAutoEncoder((1, 8, 8), [4], 3)
+    for ok in ((2, 1, 8, 8), (2, 8, 8), (2, 64), (1, 8, 8), (64,)):
+        assert model_inputs(m, np.zeros(ok), "input").shape[1:] == (1, 8, 8), ok
+    with pytest.raises(ValueError, match=r"input must hold samples of shape \(1, 8, 8\) "
+                                         r"\(channels first\), got an array of shape "
+                                         r"\(2, 8, 8, 1\): transpose it"):
+        model_inputs(m, np.zeros((2, 8, 8, 1)), "input")
+
+
 def test_a_normalization_must_fit_the_model_it_travels_with(tmp_path):
     import torch
 

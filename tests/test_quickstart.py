@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def test_quickstart_on_digits_writes_model_and_figures(tmp_path, capsys, no_fash
     assert "image search, precision@10" in printed
     # Ten classes: chance is 0.1; near neighbours of digits share their class far more often.
     assert result["pca_precision_at_10"] > 0.8 and result["ae_precision_at_10"] > 0.3
+    config = json.loads((tmp_path / "qs" / "model" / "config.json").read_text())
+    assert (config["data"], config["data_root"], config["seed"]) == ("digits", None, 0)
     for name in ("model/model.safetensors", "model/config.json", "model/history.json",
                  "reconstructions.png", "search.png", "loss.png"):
         assert (tmp_path / "qs" / name).is_file(), name
