@@ -125,14 +125,15 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     if x.dim() < 2:
         raise ValueError(f"x must be a batch (batch, ...) with at least 2 dims, got shape "
                          f"{tuple(x.shape)}")
-    if method == "exact":
-        return _exact(encoder, x, backend)
+    # The Hutchinson options are checked for exact too: a typo must not pass unseen.
     probes = positive_int("probes", probes)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
+    if method == "exact":
+        return _exact(encoder, x, backend)
     if not callable(encoder):
         raise TypeError(f"encoder must be callable, got {type(encoder).__name__}")
     return _hutchinson(encoder, x, probes, distribution, generator)

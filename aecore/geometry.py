@@ -15,6 +15,8 @@ the input space, both plain MLPs (they export like any :class:`AutoEncoder`).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -44,7 +46,7 @@ def manifold_embedding(x: np.ndarray, dim: int, n_neighbors: int = 10, seed: int
     dim = positive_int("dim", dim)
     n_neighbors = positive_int("n_neighbors", n_neighbors)
     # The subset is what Isomap fits: it needs more rows than neighbours and components.
-    if isinstance(max_fit, bool) or not isinstance(max_fit, int) \
+    if isinstance(max_fit, bool) or not isinstance(max_fit, numbers.Integral) \
             or max_fit <= max(n_neighbors, dim):
         raise ValueError(f"max_fit must be an int above max(n_neighbors, dim) = "
                          f"{max(n_neighbors, dim)}, got {max_fit!r}")
@@ -79,6 +81,7 @@ class GeometryAutoEncoder(PenalizedAutoEncoder):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         target = self.check_loss_inputs(x, target)
+        self.check_dtype(x)
         z = self.encoder(x)
         mse = (self.decoder(z) - target).pow(2).mean()
         if y is None:

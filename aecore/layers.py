@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from aecore.kernels._activations import activation_id
+from aecore.kernels._backend import check_slope
 from aecore.kernels.fused_linear import fused_linear
 
 
@@ -20,6 +21,7 @@ class FusedLinear(nn.Linear):
                  activation: str = "identity", negative_slope: float = 0.01,
                  device=None, dtype=None):
         activation_id(activation)
+        check_slope(negative_slope)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = float(negative_slope)

@@ -28,6 +28,9 @@ DEFAULT_WEIGHT = {"kl": 3e-3, "l1": 1e-3}
 
 def l1_sparsity(h: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the L1 norm of each code: (B, H) -> scalar."""
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise ValueError(f"h must be a 2-D tensor (batch, hidden), got "
+                         f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
     return h.abs().sum(dim=1).mean()
 
 

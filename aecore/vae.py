@@ -82,6 +82,10 @@ class VAE(AutoEncoderBase):
         self.sigma = _positive_float("sigma", sigma)
         self.beta = _positive_float("beta", beta) if beta != 0 else 0.0
         self.latent_dim = positive_int("latent_dim", latent_dim)
+        from aecore.conv import UPSAMPLE
+
+        if upsample not in UPSAMPLE:  # for an MLP VAE too: config() saves it
+            raise ValueError(f"upsample must be one of {UPSAMPLE}, got {upsample!r}")
         self.activation, self.upsample = activation, upsample
         self.hidden_dims = positive_ints("hidden_dims", hidden_dims)
         c = self.num_classes

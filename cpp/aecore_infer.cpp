@@ -23,6 +23,16 @@ int main(int argc, char** argv) {
     std::cerr << "usage: " << argv[0] << " MODEL.onnx INPUT.npy OUT_PREFIX [LABELS.npy]\n";
     return 2;
   }
+  // A library older than the headers has no API table of their version: every call through
+  // the C++ API would then dereference null.
+  if (OrtGetApiBase()->GetApi(ORT_API_VERSION) == nullptr) {
+    std::cerr << "error: the ONNX Runtime library (" << OrtGetApiBase()->GetVersionString()
+              << ") is older than the headers this program was built with (API version "
+              << ORT_API_VERSION << ", ONNX Runtime 1." << ORT_API_VERSION
+              << "): upgrade it, e.g. pip install 'onnxruntime>=1." << ORT_API_VERSION
+              << "', and rebuild\n";
+    return 1;
+  }
   try {
     Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "aecore");
     Ort::SessionOptions options;

@@ -123,11 +123,14 @@ def check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
 def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 
-    Raises ValueError for an unknown name and RuntimeError when Triton is forced where it
-    can't run (CPU tensors without the interpreter, or float64, which the kernels don't take).
+    Raises ValueError for an unknown name (naming $AECORE_BACKEND when the name came from it),
+    RuntimeError when Triton is forced where it can't run (no triton package; CPU tensors
+    without the interpreter) and TypeError for float64, which the kernels don't take.
     """
     if backend is None:
         backend = env_backend()
+        if backend not in BACKENDS:
+            raise ValueError(f"AECORE_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = True

@@ -266,8 +266,10 @@ def kl_sparsity(h: torch.Tensor, rho: float, *, backend: str | None = None) -> t
     """KL sparsity penalty: sum_j KL(rho || rho_hat_j), rho_hat_j = mean_b h[b, j] -> scalar.
 
     h: (B, H) sigmoid activations (float32/16, bfloat16; float64 on the torch backend),
-    any strides. rho: target mean activation in (0, 1). rho_hat is clamped into
-    [EPS, 1 - EPS]. Differentiable in h; the result has h's dtype.
+    any strides; values must lie in [0, 1], which is not checked (a pass over h on every
+    training step). rho: target mean activation in (0, 1). rho_hat is clamped into
+    [EPS, 1 - EPS], where the penalty has no gradient: codes of an unbounded activation (relu)
+    whose means leave [0, 1] get none. Differentiable in h; the result has h's dtype.
     """
     if (backend is None and type(rho) is float and 0.0 < rho < 1.0
             and isinstance(h, torch.Tensor) and h.dtype in _DTYPES and h.dim() == 2

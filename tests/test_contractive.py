@@ -428,6 +428,11 @@ def test_exact_contractive_rejects_other_encoders():
         contractive(seq, torch.randn(2, 4), method="hutchinson", distribution="uniform")
     with pytest.raises(TypeError, match="x must be a floating point tensor"):
         contractive(seq, torch.ones(2, 4, dtype=torch.int32), method="hutchinson")
+    # Options of the other method are checked too: a typo there must not pass unseen.
+    with pytest.raises(ValueError, match="probes must be a positive integer, got -3"):
+        contractive(enc, torch.randn(2, 4), probes=-3)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        contractive(enc, torch.randn(2, 4), distribution="bogus")
 
 
 def test_hutchinson_empty_batch():

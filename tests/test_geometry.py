@@ -57,6 +57,12 @@ def test_embedding_rejects_bad_arguments(roll, kwargs, match):
         manifold_embedding(roll.inputs("train"), **kwargs)
 
 
+def test_embedding_takes_numpy_integers(roll):
+    x = roll.inputs("train")
+    np.testing.assert_array_equal(manifold_embedding(x, 2, max_fit=np.int64(300)),
+                                  manifold_embedding(x, 2, max_fit=300))
+
+
 def test_embedding_rejects_bad_inputs():
     with pytest.raises(ValueError, match="more than max"):
         manifold_embedding(np.zeros((5, 3), np.float32), 2, n_neighbors=10)
@@ -134,6 +140,8 @@ def test_loss_rejects_bad_targets_and_embeddings():
     x = torch.rand(2, 4)
     with pytest.raises(TypeError, match="y must be a floating point torch.Tensor"):
         model.loss(x, np.zeros((2, 2), np.float32))
+    with pytest.raises(TypeError, match="x must have the model's dtype torch.float32"):
+        model.loss(x.double(), torch.zeros(2, 2))
     # A (1, 4) target would broadcast against the (2, 4) reconstruction.
     with pytest.raises(ValueError, match="target must have the shape of x"):
         model.loss(x, torch.zeros(2, 2), target=torch.rand(1, 4))

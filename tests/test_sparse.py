@@ -244,6 +244,9 @@ def test_l1_sparsity_formula():
     h = torch.randn(13, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = np.abs(h.numpy()).sum(axis=1).mean()
     assert abs(float(l1_sparsity(h)) - expected) < 1e-12
+    for bad in (torch.ones(2, 3, 4), torch.ones(5)):  # would sum one axis of a code, or fail
+        with pytest.raises(ValueError, match=r"h must be a 2-D tensor \(batch, hidden\)"):
+            l1_sparsity(bad)
 
 
 @pytest.fixture(scope="module")

@@ -446,6 +446,7 @@ def test_onnx_export_of_the_deterministic_autoencoder(trained, digits, tmp_path)
     ({"sigma": 0.0}, ValueError, "sigma must be a positive finite number"),
     ({"beta": -1.0}, ValueError, "beta must be a positive finite number"),
     ({"latent_dim": 0}, ValueError, "latent_dim must be a positive integer"),
+    ({"upsample": "bogus"}, ValueError, "upsample must be one of"),  # an MLP VAE saves it too
     ({"input_dim": None}, ValueError, "input_dim is required"),
     ({"channels": [8]}, ValueError, "input_dim must be None for a convolutional VAE"),
     ({"input_dim": None, "channels": [8]}, ValueError, r"input_shape \(C, H, W\) is required"),
