@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     cvae = ConditionalVAE(10, 784, [512, 256], 32, likelihood="bernoulli")
     t0 = time.perf_counter()
     train(cvae, x_train, y_train, args.cvae_epochs, args.batch, args.lr, args.seed)
+    cvae_train_s = time.perf_counter() - t0  # training alone: sampling and scoring follow
     per_class = 8
     labels = torch.arange(10).repeat_interleave(per_class)
     imgs = cvae.sample(len(labels), labels=labels,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                               generator=torch.Generator().manual_seed(args.seed + 2))
         follow = (judge(samples.reshape(len(drawn), -1)).argmax(1) == drawn).float().mean().item()
     result["cvae_epochs"] = args.cvae_epochs
-    result["cvae_train_s"] = round(time.perf_counter() - t0, 1)
+    result["cvae_train_s"] = round(cvae_train_s, 1)
     result["cvae_test_elbo"] = round(float(ce.mean()), 2)
     result["cvae_classifier_test_accuracy"] = round(judge_acc, 3)
     result["cvae_samples_classified_as_their_label"] = round(follow, 3)

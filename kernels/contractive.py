@@ -494,8 +494,10 @@ def _forward(x, weights, biases, activations, slope, order, use_triton, keep):
     return [P, *zs, *as_, *ss, V, q]
 
 
-def _backward(grad, x, weights, biases, activations, slope, order, saved, use_triton):
-    """(dx, [dW_l], [db_l or None]) for grad (B,) of the penalty, in the compute dtype."""
+def _backward(grad, x, weights, biases, activations, slope, order, saved, use_triton,
+              needs_dx=True):
+    """(dx, [dW_l], [db_l or None]) for grad (B,) of the penalty, in the compute dtype; dx is
+    None unless ``needs_dx`` (training inputs rarely require grad: a B h_1 d GEMM saved)."""
     cd = _compute_dtype(x.dtype)
     B = x.shape[0]
     L = len(weights)
@@ -561,7 +563,7 @@ def _backward(grad, x, weights, biases, activations, slope, order, saved, use_tr
             dbs[li] = dz.sum(0)
         if li > 0:
             da, _, _ = _mm(dz, ws[li], use_triton)
-        else:
+        elif needs_dx:
             dx, _, _ = _mm(dz, ws[0], use_triton)
     return dx, dws, dbs
 
@@ -656,13 +658,14 @@ def _(x, weights, biases, has_bias, act_ids, negative_slope, order, use_triton, 
 def _penalty_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
                          biases: list[torch.Tensor], has_bias: list[bool], act_ids: list[int],
                          negative_slope: float, order: str, use_triton: bool,
-                         saved: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[dx, dW_1..dW_L, db for each bias given], each in its input's dtype."""
+                         saved: list[torch.Tensor], needs_dx: bool) -> list[torch.Tensor]:
+    """[dx (empty unless needs_dx), dW_1..dW_L, db for each bias given], each in its input's
+    dtype."""
     activations = [ACTIVATIONS[i] for i in act_ids]
     dx, dws, dbs = _backward(grad, x, weights, _expand(biases, has_bias), activations,
-                             negative_slope, order, saved, use_triton)
+                             negative_slope, order, saved, use_triton, needs_dx)
     # Contiguous, whatever the inputs' strides: the fake kernel below promises exactly that.
-    out = [dx.to(x.dtype).contiguous()]
+    out = [dx.to(x.dtype).contiguous() if needs_dx else x.new_empty(0)]
     out += [dw.to(w.dtype).contiguous() for dw, w in zip(dws, weights)]
     out += [db.to(b.dtype).contiguous()
             for db, b in zip([d for d in dbs if d is not None], biases)]
@@ -670,10 +673,12 @@ def _penalty_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: list[torc
 
 
 @_penalty_backward_op.register_fake
-def _(grad, x, weights, biases, has_bias, act_ids, negative_slope, order, use_triton, saved):
+def _(grad, x, weights, biases, has_bias, act_ids, negative_slope, order, use_triton, saved,
+      needs_dx):
     # new_empty, not empty_like: the real op's results are contiguous, not in x's strides
     # (inductor asserts the strides the fake promises).
-    return [t.new_empty(t.shape) for t in (x, *weights, *biases)]
+    return [x.new_empty(x.shape if needs_dx else (0,)),
+            *(t.new_empty(t.shape) for t in (*weights, *biases))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -695,9 +700,11 @@ def _backward_fn(ctx, grads):
     x, weights = tensors[0], list(tensors[1:1 + L])
     biases = list(tensors[1 + L:1 + L + n_b])
     saved = [grads[0], *tensors[1 + L + n_b:]]  # slot 0 (P) is unused by the backward
+    needs_dx = ctx.needs_input_grad[0]
     out = _penalty_backward_op(grads[0].contiguous(), x, weights, biases, has_bias, act_ids,
-                               slope, order, use_triton, saved)
-    return out[0], out[1:1 + L], out[1 + L:], None, None, None, None, None, None
+                               slope, order, use_triton, saved, needs_dx)
+    return (out[0] if needs_dx else None), out[1:1 + L], out[1 + L:], None, None, None, None, \
+        None, None
 
 
 _penalty_op.register_autograd(_backward_fn, setup_context=_setup_context)

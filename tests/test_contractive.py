@@ -245,13 +245,35 @@ def test_fake_kernels_match_the_real_ops(order):
         runs = [(fwd(*args), _fake_run(fwd, args))]
         if keep:
             grad = torch.ones(BATCH, dtype=torch.float16)
-            bargs = (grad, x, ws, bs, [True] * len(ws), ids, 0.01, order, False,
-                     [grad, *runs[0][0][1:]])
-            runs.append((bwd(*bargs), _fake_run(bwd, bargs)))
+            for needs_dx in (True, False):
+                bargs = (grad, x, ws, bs, [True] * len(ws), ids, 0.01, order, False,
+                         [grad, *runs[0][0][1:]], needs_dx)
+                runs.append((bwd(*bargs), _fake_run(bwd, bargs)))
         for real, fake in runs:
             assert len(real) == len(fake)
             for i, (r, f) in enumerate(zip(real, fake)):
                 assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), i
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weight_gradients_without_an_input_gradient(backend):
+    # Training inputs need no gradient: the backward then skips dx, and the weights' and
+    # biases' gradients are those of the run that computes it.
+    x, ws, bs = _problem(17, [5, 3])
+    x, ws, bs = x.float(), [w.float() for w in ws], [b.float() for b in bs]
+
+    def grads(x_needs):
+        xs = x.clone().requires_grad_(x_needs)
+        leaves = [w.clone().requires_grad_() for w in ws] + [b.clone().requires_grad_()
+                                                              for b in bs]
+        p = contractive_penalty(xs, leaves[:2], leaves[2:], ["tanh", "relu"], backend=backend)
+        p.sum().backward()
+        return xs.grad, [t.grad for t in leaves]
+
+    (dx, with_dx), (none, without) = grads(True), grads(False)
+    assert dx is not None and none is None
+    for a, b in zip(with_dx, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_inductor_compile_with_non_contiguous_x():
