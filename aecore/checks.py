@@ -23,7 +23,9 @@ def positive_ints(name: str, dims: Sequence[int]) -> list[int]:
     dims = list(dims)
     try:
         ints = [int(d) for d in dims]
-        ok = all(i >= 1 and i == d and not isinstance(d, bool) for i, d in zip(ints, dims))
+        # Integers only, as positive_int takes them: not 4.0.
+        ok = all(i >= 1 and isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                 for i, d in zip(ints, dims))
     except (TypeError, ValueError):
         ok = False
     if not ok:

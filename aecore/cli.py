@@ -205,7 +205,7 @@ def _cmd_sample(args) -> int:
     # The API's checks, in the flags' names.
     if not isinstance(model, VAE):
         raise ValueError(f"aecore sample draws from a vae, beta-vae or cvae; the model in "
-                         f"{str(args.model_dir)!r} is a {model.family!r}, which has no prior")
+                         f"{str(args.model_dir)!r} has family {model.family!r}, which has no prior")
     if not 1 <= args.n <= MAX_GRID:
         raise ValueError(f"--n must be in [1, {MAX_GRID}] (one PNG grid), got {args.n}")
     classes = model.num_classes

@@ -56,7 +56,7 @@ class Corruption:
     @property
     def spec(self) -> str:
         """The CLI string that :func:`parse_corruption` turns back into this corruption."""
-        return f"{self.name}:{self.level:g}"
+        return f"{self.name}:{float(self.level)!r}"  # repr: every digit, so it round-trips
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -329,8 +329,10 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
         x = x[:, None]
     parts = _split(x, y, test_fraction, seed)
     if x.ndim == 4:
-        # Into [0, 1], which the sigmoid output of image models spans.
-        lo, hi = float(parts[0].min()), float(parts[0].max())
+        # Into [0, 1], which the sigmoid output of image models spans: by the whole array's
+        # range (the pixel format's, in effect), so that no test image leaves it (a Bernoulli
+        # likelihood would refuse one, after training).
+        lo, hi = float(x.min()), float(x.max())
         if lo >= 0:
             norm = Normalization(mean=0.0, std=hi or 1.0)
         else:

@@ -22,6 +22,7 @@ recommender has to beat.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -49,7 +50,8 @@ def fold_in_split(rows: np.ndarray | torch.Tensor, holdout: float = 0.2, seed: i
     with disjoint items. round(holdout * n) of a user's n items are held out, at least one and
     at most n - 1; every row needs at least 2 items."""
     x = _rows(rows, "rows") > 0
-    if not (isinstance(holdout, float) and 0.0 < holdout < 1.0):
+    if isinstance(holdout, bool) or not (isinstance(holdout, numbers.Real)
+                                         and 0.0 < holdout < 1.0):
         raise ValueError(f"holdout must be a float in (0, 1), got {holdout!r}")
     counts = x.sum(1)
     if (counts < 2).any():
@@ -100,9 +102,11 @@ def top_items(scores: torch.Tensor, seen: np.ndarray | torch.Tensor | None, k: i
     scores = torch.as_tensor(scores).float()
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (users, items), got shape {tuple(scores.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+            or not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [1, {scores.shape[1]}] (the number of items), "
                          f"got {k!r}")
+    k = int(k)
     if torch.isnan(scores).any() or (scores == float("inf")).any():
         raise ValueError("scores must not be NaN or +inf")
     if seen is None:

@@ -22,6 +22,7 @@ score's float32 rounding bound of the k-th best, so rounding can't drop a true n
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -149,8 +150,9 @@ class LatentIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"queries must have {self.dim} values per code (the gallery's), "
                              f"got shape {tuple(q.shape)}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(self):
             raise ValueError(f"k must be an int in [1, {len(self)}] (the gallery size), got {k!r}")
+        k = int(k)
         # Per query: N scores, and the (k + spare) x D differences of the re-ranking.
         per_query = max(len(self), min(len(self), k + SPARE) * self.dim)
         step = max(1, CHUNK_SCORES // per_query)

@@ -36,6 +36,8 @@ def test_unknown_activation_is_rejected():
         FusedLinear(3, 2, activation="swish")
     with pytest.raises(ValueError, match="hidden_dims"):
         Encoder(4, [0], 2)
+    with pytest.raises(ValueError, match=r"must be positive integers, got \[4, 4.0, 2\]"):
+        Encoder(4, [4.0], 2)  # as positive_int refuses 4.0
     with pytest.raises(TypeError, match="negative_slope must be a real number, got bool"):
         FusedLinear(3, 2, activation="leaky_relu", negative_slope=True)
     with pytest.raises(ValueError, match="negative_slope must be finite, got nan"):

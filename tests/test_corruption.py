@@ -128,6 +128,7 @@ def test_corruption_rejects_bad_calls():
 @pytest.mark.parametrize("spec, cls, level", [
     ("gaussian:0.3", GaussianNoise, 0.3), ("mask:0.25", Masking, 0.25),
     ("saltpepper:0.1", SaltPepper, 0.1), (" Gaussian : 1e-2 ", GaussianNoise, 0.01),
+    ("gaussian:0.1234567", GaussianNoise, 0.1234567),  # every digit survives the spec
 ])
 def test_parse_corruption(spec, cls, level):
     c = parse_corruption(spec)

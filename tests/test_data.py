@@ -128,6 +128,17 @@ def test_user_arrays(tmp_path):
     np.save(tmp_path / "imgs.npy", imgs)
     i = data.load(str(tmp_path / "imgs.npy"))
     assert i.sample_shape == (1, 6, 6) and i.inputs().max() <= 1.0
+    # Both splits lie in [0, 1] (a Bernoulli likelihood needs it of the test split too), even
+    # when the brightest pixel is a test image's.
+    imgs[:, 0, 0] = 100.0
+    test_rows = data._split(np.arange(20.0)[:, None], None, 0.2, 0)[2][:, 0].astype(int)
+    imgs[test_rows[0], 0, 0] = 255.0
+    np.save(tmp_path / "imgs.npy", imgs)
+    for split in ("train", "test"):
+        x = data.load(str(tmp_path / "imgs.npy")).inputs(split)
+        assert x.min() >= 0.0 and x.max() <= 1.0, split
+    assert max(float(data.load(str(tmp_path / "imgs.npy")).inputs(s).max())
+               for s in ("train", "test")) == 1.0
 
 
 def test_user_array_errors(tmp_path):

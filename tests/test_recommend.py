@@ -57,6 +57,9 @@ def test_fold_in_split_rejects_bad_rows_and_holdout():
         fold_in_split(np.array([[1, 1, 0], [0, 1, 0]], np.float32))
     with pytest.raises(ValueError, match=r"holdout must be a float in \(0, 1\)"):
         fold_in_split(_random_rows(), holdout=1.0)
+    rows = _random_rows()
+    assert torch.equal(fold_in_split(rows, holdout=np.float32(0.25))[1],
+                       fold_in_split(rows, holdout=0.25)[1])  # numpy floats work
     with pytest.raises(ValueError, match="rows must be a 2-D"):
         fold_in_split(np.ones(5, np.float32))
     with pytest.raises(ValueError, match="finite, non-negative"):
@@ -117,6 +120,8 @@ def test_top_items_never_returns_seen_items():
     np.testing.assert_array_equal(top_items(scores, seen, 2).numpy(), [[1, 2], [3, 2]])
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 4\]"):
         top_items(scores, seen, 5)
+    np.testing.assert_array_equal(top_items(scores, seen, np.int64(2)).numpy(),
+                                  [[1, 2], [3, 2]])  # numpy ints work
     with pytest.raises(ValueError, match="seen must have the shape of the scores"):
         top_items(scores, seen[:1], 2)
     with pytest.raises(ValueError, match="k=3 is more than some user's unseen items"):

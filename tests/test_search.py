@@ -166,6 +166,7 @@ def test_index_rejects_bad_metric_queries_and_k():
     for k in (0, 6, True, 2.5):
         with pytest.raises(ValueError, match=r"k must be an int in \[1, 5\]"):
             index.search(torch.zeros(1, 4), k)
+    assert index.search(torch.zeros(1, 4), np.int64(3))[1].shape == (1, 3)  # numpy ints work
 
 
 def test_embed_uses_codes_and_posterior_means_and_keeps_the_mode():
