@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,12 @@ def _read(path: Path, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+                    optimizer: torch.optim.Optimizer,
+                    check_state: Callable[[dict], None] | None = None
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model and optimizer in place; return (trainer state, rng states).
+    ``check_state(trainer state)`` may raise to refuse the checkpoint before anything is
+    restored.
 
     Every file is read before anything is restored. ValueError naming the checkpoint when a
     file of it is missing or damaged or does not fit model / optimizer, or when its model has
@@ -190,6 +195,8 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
         raise damaged(e) from None
     if saved is not None:
         _check_identity(folder, saved, model)
+    if check_state is not None:
+        check_state(state)
     device = next(model.parameters()).device
     try:
         weights = _read(folder / "model.safetensors")

@@ -311,8 +311,9 @@ class Trainer:
                 raise ValueError("resume=True needs checkpoint_dir")
             folder = latest_checkpoint(self.checkpoint_dir)
             if folder is not None:
-                state, rng = load_checkpoint(folder, self.model, self.optimizer)
-                _check_same_run(folder, state.get("run"), run)
+                state, rng = load_checkpoint(
+                    folder, self.model, self.optimizer,
+                    lambda s: _check_same_run(folder, s.get("run"), run))
                 last_good = folder
                 # The optimizer state brought the old run's hyperparameters: this Trainer's win.
                 for group in self.optimizer.param_groups:

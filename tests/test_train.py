@@ -295,6 +295,13 @@ def test_resume_rejects_a_run_that_splits_other_data(digits, tmp_path):
                 **kwargs).fit(x, resume=True)
 
     Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    # Refused before anything is restored: the model keeps its own weights.
+    fresh = _model(seed=5)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="seed 0 \\(now 7\\)"):
+        Trainer(fresh, epochs=2, progress=False, checkpoint_dir=tmp_path,
+                seed=7).fit(digits[:200], resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
     for x, kwargs, match in ((digits[:200], {"seed": 7}, r"seed 0 \(now 7\)"),
                              (digits[:200], {"val_fraction": 0.2},
                               r"val_fraction 0.1 \(now 0.2\)"),
