@@ -100,10 +100,16 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+def fashion_mnist_named(root: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """The Fashion-MNIST folder the user named: ``root``, else $AECORE_FASHION_MNIST (when set
+    and not empty); None when neither names one."""
+    return root if root is not None else os.environ.get("AECORE_FASHION_MNIST") or None
+
+
 def _fashion_mnist_folders(root: str | os.PathLike | None) -> list:
-    # A folder the user named (root, else $AECORE_FASHION_MNIST) is the only place looked in:
-    # the system copy never stands in for it quietly.
-    named = root if root is not None else os.environ.get("AECORE_FASHION_MNIST") or None
+    # A folder the user named is the only place looked in: the system copy never stands in for
+    # it quietly.
+    named = fashion_mnist_named(root)
     return [named] if named is not None else list(FASHION_MNIST_DIRS)
 
 

@@ -4,7 +4,6 @@ the training images by latent similarity."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
     check_model_dir(out / "model", "--out")
     check_output_dir(out, "--out", ("reconstructions.png", "search.png", "loss.png"))
     torch.manual_seed(seed)
-    if (data_root is not None or os.environ.get("AECORE_FASHION_MNIST")
+    if (datasets.fashion_mnist_named(data_root) is not None
             or datasets.find_fashion_mnist() is not None):
         # A folder the user named (--data-root, $AECORE_FASHION_MNIST) must hold the data: no
         # quiet fallback from it.

@@ -28,9 +28,10 @@ DEFAULT_WEIGHT = {"kl": 3e-3, "l1": 1e-3}
 
 def l1_sparsity(h: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the L1 norm of each code: (B, H) -> scalar."""
-    if not isinstance(h, torch.Tensor) or h.dim() != 2:
-        raise ValueError(f"h must be a 2-D tensor (batch, hidden), got "
-                         f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+    if h.dim() != 2:
+        raise ValueError(f"h must be a 2-D tensor (batch, hidden), got shape {tuple(h.shape)}")
     return h.abs().sum(dim=1).mean()
 
 

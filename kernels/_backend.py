@@ -127,12 +127,11 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     RuntimeError when Triton is forced where it can't run (no triton package; CPU tensors
     without the interpreter) and TypeError for float64, which the kernels don't take.
     """
+    source = "backend"
     if backend is None:
-        backend = env_backend()
-        if backend not in BACKENDS:
-            raise ValueError(f"AECORE_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        backend, source = env_backend(), "AECORE_BACKEND"
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     on_cuda = True
     for t in tensors:  # a loop, not all(<generator>): this runs on every op's eager call
         if not t.is_cuda:

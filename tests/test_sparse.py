@@ -247,6 +247,8 @@ def test_l1_sparsity_formula():
     for bad in (torch.ones(2, 3, 4), torch.ones(5)):  # would sum one axis of a code, or fail
         with pytest.raises(ValueError, match=r"h must be a 2-D tensor \(batch, hidden\)"):
             l1_sparsity(bad)
+    with pytest.raises(TypeError, match="h must be a torch.Tensor, got list"):
+        l1_sparsity([[1.0]])
 
 
 @pytest.fixture(scope="module")
