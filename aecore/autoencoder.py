@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int, positive_ints
+from aecore.checks import number, positive_int, positive_ints
 from aecore.kernels._activations import activation_id
 from aecore.kernels.fused_linear import fused_linear
 from aecore.layers import FusedLinear
@@ -150,9 +149,7 @@ class PenalizedAutoEncoder(AutoEncoder):
                  output_activation: str = "identity", latent_activation: str = "identity",
                  lam: float | None = None):
         lam = self.default_lam if lam is None else lam
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
-                or not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        lam = number("lam", lam)
         super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
                          output_activation, latent_activation)
         self.lam = float(lam)

@@ -1,7 +1,8 @@
-"""Argument checks shared by the models and their helpers."""
+"""Argument checks shared by the models and their helpers (importing no torch)."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -12,6 +13,23 @@ def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def number(name: str, value: object, lo: float = 0.0, hi: float = math.inf,
+           lo_open: bool = False, hi_open: bool = True) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a finite real number
+    (numpy scalars too; not a bool or a tensor) in the interval from ``lo`` to ``hi``, each
+    end open or closed as given. By default: finite and >= 0."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and math.isfinite(value)
+          and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
+    if not ok:
+        if hi == math.inf and lo == 0:
+            want = "a positive finite number" if lo_open else "a finite number >= 0"
+        else:
+            want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return float(value)
 
 
 def positive_ints(name: str, dims: Sequence[int]) -> list[int]:
@@ -31,3 +49,12 @@ def positive_ints(name: str, dims: Sequence[int]) -> list[int]:
     if not ok:
         raise ValueError(f"{name} must be positive integers, got {list(dims)!r}")
     return ints
+
+
+def check_generator(generator: object) -> None:
+    """TypeError unless ``generator`` is a torch.Generator or None."""
+    import torch  # here, not above: the numpy-only modules (plots) import this file too
+
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")

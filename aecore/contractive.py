@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aecore.autoencoder import Encoder, PenalizedAutoEncoder
-from aecore.checks import positive_int
+from aecore.checks import check_generator, positive_int
+from aecore.kernels._backend import BACKENDS
 from aecore.kernels.contractive import contractive_penalty
 from aecore.layers import FusedLinear
 from aecore.registry import register
@@ -104,7 +105,8 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     """Per-sample squared Frobenius norm of the encoder's Jacobian, ||J_f(x_b)||_F^2 -> (B,).
 
     ``method="exact"``: aecore's MLP :class:`Encoder` (its FusedLinear layers are walked and the
-    fused op computes the norm without forming J); x (B, input_dim). ``backend`` goes to the op.
+    fused op computes the norm without forming J); x (B, input_dim). ``backend`` goes to the op
+    (the Hutchinson estimate runs the encoder's own layers, whatever their backend).
 
     ``method="hutchinson"``: any differentiable encoder x (B, ...) -> (B, ...) that treats
     samples independently and supports forward-mode AD: the mean of ||J v||^2 over ``probes``
@@ -129,9 +131,9 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     probes = positive_int("probes", probes)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
+    check_generator(generator)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if method == "exact":
         return _exact(encoder, x, backend)
     if not callable(encoder):

@@ -10,13 +10,13 @@ model from copying its input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from aecore.autoencoder import AutoEncoder
+from aecore.checks import number
 from aecore.kernels.sparsity import kl_sparsity
 from aecore.registry import register
 
@@ -60,12 +60,8 @@ class SparseAutoEncoder(AutoEncoder):
                              f"got {latent_activation!r}")
         if weight is None:
             weight = DEFAULT_WEIGHT[sparsity]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) \
-                or not (math.isfinite(rho) and 0 < rho < 1):
-            raise ValueError(f"rho must be in the open interval (0, 1), got {rho!r}")
+        weight = number("weight", weight)
+        rho = number("rho", rho, 0.0, 1.0, lo_open=True)
         super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
                          output_activation, latent_activation)
         self.sparsity, self.weight, self.rho = sparsity, float(weight), float(rho)

@@ -28,7 +28,7 @@ from aecore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from aecore.checks import positive_int
+from aecore.checks import number, positive_int
 from aecore.io import check_output_dir
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -157,20 +157,14 @@ class Trainer:
                  corruption: Corruption | None = None, amp: bool = False,
                  device: str | torch.device | None = None, progress: bool = True,
                  checkpoint_dir: str | os.PathLike | None = None):
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (
-                lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        number("lr", lr, lo_open=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("epochs", epochs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real)
-                or not 0.0 <= val_fraction < 1.0):
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-        if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
-                or not (weight_decay >= 0 and math.isfinite(weight_decay))):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        number("val_fraction", val_fraction, 0.0, 1.0)
+        number("weight_decay", weight_decay)
         if patience is not None:
             positive_int("patience", patience)
         for name, flag in (("amp", amp), ("progress", progress)):

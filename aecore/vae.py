@@ -36,7 +36,7 @@ from torch import nn
 
 from aecore.autoencoder import Decoder, Encoder
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int, positive_ints
+from aecore.checks import check_generator, number, positive_int, positive_ints
 from aecore.kernels._backend import exporting
 from aecore.kernels.reparameterize import LOGVAR_MAX, LOGVAR_MIN, reparameterize
 from aecore.registry import register
@@ -45,13 +45,6 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "multinomial")
 VARIANCES = ("feature", "scalar")
 LOG_SIGMA2_MIN, LOG_SIGMA2_MAX = -9.0, 9.0
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _positive_float(arg: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 @register
@@ -79,8 +72,8 @@ class VAE(AutoEncoderBase):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
         self.likelihood, self.variance = likelihood, variance
-        self.sigma = _positive_float("sigma", sigma)
-        self.beta = _positive_float("beta", beta) if beta != 0 else 0.0
+        self.sigma = number("sigma", sigma, lo_open=True)
+        self.beta = number("beta", beta)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         from aecore.conv import UPSAMPLE
 
@@ -289,6 +282,7 @@ class VAE(AutoEncoderBase):
         float64 model, else float32), so ``chunk`` changes nothing but the speed."""
         k = positive_int("k", k)
         chunk = positive_int("chunk", chunk)
+        check_generator(generator)
         mu, logvar = self.encode(x, y)
         self.check_support(x, "x")
         B, L = mu.shape
@@ -330,6 +324,7 @@ class VAE(AutoEncoderBase):
 
         ``labels`` (conditional model): an int for all n, or (n,) integer labels."""
         n = positive_int("n", n)
+        check_generator(generator)
         param = next(self.parameters())
         device = param.device
         if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
@@ -403,10 +398,15 @@ def grid_shape(model: VAE, image_shape: Sequence[int] | None = None,
     """The shape :func:`sample_grid` draws ``model``'s samples in: (C, H, W) for an image
     model, ``image_shape`` or a square for a flat one. Errors name ``name``."""
     if len(model.input_shape) == 3:
+        if image_shape is not None and tuple(image_shape) != tuple(model.input_shape):
+            # Ignored, it would leave the caller thinking the images came out as asked.
+            raise ValueError(f"{name} is for flat models; this one draws images of its own "
+                             f"shape {tuple(model.input_shape)}, got {tuple(image_shape)}")
         return tuple(model.input_shape)
     size = model.input_shape[0]
     if image_shape is not None:
-        shape = tuple(int(v) for v in image_shape)
+        # Integers >= 1 only: int() would truncate 8.7 to 8, and (-8, -8) has the right product.
+        shape = tuple(positive_ints(name, image_shape))
         if len(shape) not in (2, 3) or math.prod(shape) != size:
             raise ValueError(f"{name} must be (H, W) or (C, H, W) of {size} values (the "
                              f"model's input), got {tuple(image_shape)}")

@@ -22,7 +22,6 @@ The encoder is an MLP (``input_dim``, ``hidden_dims``; the decoder mirrors it) o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,20 +31,9 @@ import torch.nn.functional as F
 
 from aecore.autoencoder import Decoder, Encoder
 from aecore.base import AutoEncoderBase
-from aecore.checks import positive_int, positive_ints
+from aecore.checks import number, positive_int, positive_ints
 from aecore.kernels.vq import vq_nearest
 from aecore.registry import register
-
-
-def _number(arg: str, value: object, lo: float, hi: float, lo_open: bool, hi_open: bool
-            ) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value)
-          and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{arg} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
-    return float(value)
 
 
 def _process_group() -> bool:
@@ -93,10 +81,10 @@ class VQVAE(AutoEncoderBase):
         self.code_dim = positive_int("code_dim", code_dim)
         self.num_codes = positive_int("num_codes", num_codes)
         self.latent_dim = self.num_latents * self.code_dim
-        self.beta = _number("beta", beta, 0.0, math.inf, False, True)
+        self.beta = number("beta", beta)
         # decay 0 would replace the averages with one batch's, wiping the codes it missed.
-        self.decay = _number("decay", decay, 0.0, 1.0, True, True)
-        self.eps = _number("eps", eps, 0.0, math.inf, True, True)
+        self.decay = number("decay", decay, 0.0, 1.0, lo_open=True)
+        self.eps = number("eps", eps, lo_open=True)
         if not isinstance(ema, bool):
             raise TypeError(f"ema must be a bool, got {type(ema).__name__}")
         if isinstance(dead_after, bool) or not isinstance(dead_after, int) or dead_after < 0:

@@ -24,6 +24,12 @@ both share the chain. (Chaining from the input side instead, forward mode, costs
 tiny inputs.)
 :func:`plan` picks by this model.
 
+Accuracy. ``direct`` sums squares, so its rounding error is relative to ||J||. ``gram`` forms
+a^T G a, whose error is relative to || |W_1|^T |a| ||^2 instead, about eps * h_1 times it: where
+W_1^T a cancels far below |W_1|^T |a| (by ~1e3 in float32), that row's term is lost in
+rounding; it is clamped at 0, never negative. Such a row is a Jacobian of ~1e-6 of its scale;
+float64 inputs (torch path) give it to full precision.
+
 Memory. The forward keeps V (B r h_1 values; Y = A W_1, B r d, for ``direct``) and the (B, h_l)
 activations, nothing else of size B r h: the backward recomputes the chain, which costs
 r sum h_l h_{l-1} per sample, far less than recomputing V (r h_1^2). Chain products exist one
@@ -113,7 +119,9 @@ def _act_grad2(z, ACT: tl.constexpr):
         g = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
     elif ACT == 7:
         s = _sigmoid(z)
-        g = tl.where(z > 20.0, 0.0, s * (1.0 - s))
+        # >= 20, as torch's double backward masks it (x < threshold); act' itself is
+        # sigmoid(z) up to z = 20 inclusive, 1 above.
+        g = tl.where(z >= 20.0, 0.0, s * (1.0 - s))
     else:
         g = tl.zeros(z.shape, tl.float32)
     return g
@@ -252,7 +260,8 @@ def _act_grad2_torch(z: torch.Tensor, name: str) -> torch.Tensor:
         return s * (1 - s) * (2 + z * (1 - 2 * s))
     if name == "softplus":
         s = torch.sigmoid(z)
-        return torch.where(z > 20, torch.zeros_like(z), s * (1 - s))
+        # >= 20, as torch's double backward masks it (x < threshold).
+        return torch.where(z >= 20, torch.zeros_like(z), s * (1 - s))
     raise ValueError(f"activation must be one of the known activations, got {name!r}")
 
 
@@ -295,7 +304,8 @@ def contractive_penalty_reference(x: torch.Tensor, weights: Sequence[torch.Tenso
     A = weights[-1].to(cd) * s[-2][:, None, :]             # (B, r, h_{L-1})
     for li in range(len(weights) - 2, 0, -1):
         A = torch.matmul(A, weights[li].to(cd)) * s[li - 1][:, None, :]
-    q = torch.einsum("bkn,nm,bkm->bk", A, w0 @ w0.t(), A)  # (B, r)
+    # (B, r), clamped at 0 as the op's Gram order is (rounding where W_1^T a cancels).
+    q = torch.einsum("bkn,nm,bkm->bk", A, w0 @ w0.t(), A).clamp(min=0)
     return (s[-1].pow(2) * q).sum(1).to(x.dtype)
 
 
@@ -490,6 +500,10 @@ def _forward(x, weights, biases, activations, slope, order, use_triton, keep):
         out = V[b0 * r:b1 * r] if keep else None
         _, _, q[b0 * r:b1 * r] = _mm(A, right, use_triton, rowdot=A if order == "gram" else "self",
                                      store_out=keep, out=out)
+    if order == "gram":
+        # a^T G a = ||W_1^T a||^2 >= 0, but rounded it can fall below 0 where W_1^T a cancels
+        # (see Accuracy in the module docstring): those rows read as 0, within the error.
+        q.clamp_(min=0)
     P = (ss[-1] * ss[-1] * q.view(B, r)).sum(1)
     return [P, *zs, *as_, *ss, V, q]
 

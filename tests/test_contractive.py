@@ -455,6 +455,8 @@ def test_exact_contractive_rejects_other_encoders():
         contractive(enc, torch.randn(2, 4), probes=-3)
     with pytest.raises(ValueError, match="distribution must be one of"):
         contractive(enc, torch.randn(2, 4), distribution="bogus")
+    with pytest.raises(ValueError, match="backend must be one of .* got 'no-such'"):
+        contractive(seq, torch.randn(2, 4), method="hutchinson", backend="no-such")
 
 
 def test_hutchinson_empty_batch():
@@ -731,3 +733,47 @@ def test_penalty_passes_gradcheck_through_the_op():
 
     # check_undefined_grad: a backward called without a gradient for P returns none.
     assert torch.autograd.gradcheck(penalty, (x, *params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softplus_at_its_threshold_follows_torch(backend):
+    # At exactly z = 20 torch takes softplus' = sigmoid(20) and, in its double backward,
+    # softplus'' = 0 (x < threshold masks it): the bias gradient is what jacrev gives.
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    z = torch.tensor([19.0, 20.0, 21.0], dtype=dtype)
+    x = torch.zeros(3, 1, dtype=dtype)
+    w = torch.ones(1, 1, dtype=dtype)
+    for zi in z:
+        b = zi.reshape(1).clone().requires_grad_()
+        got = torch.autograd.grad(contractive_penalty(x[:1], [w], [b], ["softplus"],
+                                                      backend=backend).sum(), b)[0]
+        b0 = b.detach().clone().requires_grad_()
+        want = torch.autograd.grad(oracle(x[:1], [w], [b0], ["softplus"]).sum(), b0)[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gram_order_never_goes_negative_where_the_jacobian_cancels(backend):
+    # W_1's two rows nearly equal and W_2 = [1, -1]: J = W_2 W_1 = 3e-4 v^T is ~1e-4 of
+    # |W_2| |W_1|, so a^T G a cancels past float32's precision in the Gram order.
+    g = torch.Generator().manual_seed(3)
+    d = 64
+    u, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    v = v / v.norm()
+    w1 = torch.stack([u, u + 3e-4 * v])
+    w2 = torch.tensor([[1.0, -1.0]])
+    x = torch.randn(8, d, generator=g)
+    acts = ["identity", "identity"]
+    assert plan(8, [d, 2, 1]) == "gram" and plan(1, [d, 2, 1]) == "direct"
+    # Identity layers: J = W_2 W_1 for every sample, ~9e-8 squared (the float32 weights').
+    want = float((w2.double() @ w1.double()).pow(2).sum())
+    exact = contractive_penalty(x.double(), [w1.double(), w2.double()], [None, None], acts)
+    torch.testing.assert_close(exact, torch.full((8,), want, dtype=torch.float64), rtol=1e-6,
+                               atol=0)
+    gram = contractive_penalty(x, [w1, w2], [None, None], acts, backend=backend)
+    direct = contractive_penalty(x[:1], [w1, w2], [None, None], acts, backend=backend)
+    assert (gram >= 0).all(), gram
+    # Within float32's error for this order: eps * h_1 * || |W_1|^T |a| ||^2 (|a| = 1, 1).
+    scale = float((w1.abs().sum(0) ** 2).sum())
+    assert float((gram.double() - want).abs().max()) <= 2 * 2.0 ** -23 * scale
+    torch.testing.assert_close(direct.double(), exact[:1], rtol=1e-3, atol=0)

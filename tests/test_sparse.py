@@ -335,7 +335,7 @@ def test_sparse_autoencoder_rejects_bad_arguments():
         SparseAutoEncoder(8, sparsity="l2")
     with pytest.raises(ValueError, match="latent_activation must be 'sigmoid' with sparsity='kl'"):
         SparseAutoEncoder(8, sparsity="kl", latent_activation="relu")
-    with pytest.raises(ValueError, match=r"rho must be in the open interval \(0, 1\), got 0"):
+    with pytest.raises(ValueError, match=r"rho must be a number in \(0, 1\), got 0"):
         SparseAutoEncoder(8, rho=0)
     with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
         SparseAutoEncoder(8, weight=-1)

@@ -57,7 +57,7 @@ def test_bad_trainer_and_evaluate_arguments():
         evaluate(_model(), np.zeros((4, 64), np.float32), batch_size=0)
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         evaluate(_model(), np.full((4, 64), np.nan, np.float32))
-    for kw, message in (({"lr": "0.1"}, "lr must be a positive number, got '0.1'"),
+    for kw, message in (({"lr": "0.1"}, "lr must be a positive finite number, got '0.1'"),
                         ({"seed": 1.5}, "seed must be a non-negative int, got 1.5")):
         with pytest.raises(ValueError, match=message):
             Trainer(_model(), progress=False, **kw)

@@ -12,7 +12,7 @@ from aecore import data
 from aecore.io import load_model, save_model
 from aecore.kernels.reparameterize import reparameterize
 from aecore.registry import MODELS
-from aecore.vae import VAE, ConditionalVAE, sample_grid
+from aecore.vae import VAE, ConditionalVAE, grid_shape, sample_grid
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +333,11 @@ def test_flat_models_sample_in_their_training_images_shape(tmp_path, capsys):
     assert drawn["imgs"].shape == (4, 1, 4, 16)
     with pytest.raises(ValueError, match=r"image_shape must be \(H, W\) or \(C, H, W\) of 64"):
         aecore.vae.sample_grid(model, 4, tmp_path / "t.png", image_shape=(5, 16))
+    # The right product from negative or fractional sizes is still no image shape.
+    for bad in ((-8, -8), (8.7, 8.2)):
+        with pytest.raises(ValueError, match="image_shape must be positive integers"):
+            aecore.vae.sample_grid(model, 4, tmp_path / "t.png", image_shape=bad)
+    assert not (tmp_path / "t.png").exists()
     assert main(["sample", str(tmp_path / "m"), "--out", str(tmp_path / "s.jpg")]) == 2
     assert "--out must be a .png file path" in capsys.readouterr().err
     assert not (tmp_path / "s.jpg").exists()
@@ -444,7 +449,10 @@ def test_onnx_export_of_the_deterministic_autoencoder(trained, digits, tmp_path)
     ({"likelihood": "poisson"}, ValueError, "likelihood must be one of"),
     ({"variance": "diag"}, ValueError, "variance must be one of"),
     ({"sigma": 0.0}, ValueError, "sigma must be a positive finite number"),
-    ({"beta": -1.0}, ValueError, "beta must be a positive finite number"),
+    ({"beta": -1.0}, ValueError, "beta must be a finite number >= 0, got -1.0"),
+    # A bool or a tensor is no weight: False would quietly train a plain autoencoder.
+    ({"beta": False}, ValueError, "beta must be a finite number >= 0, got False"),
+    ({"beta": torch.tensor(0.5)}, ValueError, "beta must be a finite number >= 0, got tensor"),
     ({"latent_dim": 0}, ValueError, "latent_dim must be a positive integer"),
     ({"upsample": "bogus"}, ValueError, "upsample must be one of"),  # an MLP VAE saves it too
     ({"input_dim": None}, ValueError, "input_dim is required"),
@@ -457,6 +465,20 @@ def test_bad_constructor_arguments(kwargs, exc, match):
     args = {"input_dim": 64, "hidden_dims": [8], "latent_dim": 2, **kwargs}
     with pytest.raises(exc, match=match):
         VAE(**args)
+
+
+def test_numpy_scalars_are_numbers():
+    # np.float32 is no Python float, but a number all the same.
+    model = VAE(64, [8], 2, beta=np.float32(0.5), sigma=np.float64(0.1))
+    assert (model.beta, model.sigma) == (0.5, 0.1) and type(model.beta) is float
+
+
+def test_grid_shape_of_an_image_model_refuses_another_shape():
+    model = VAE(input_shape=(1, 8, 8), channels=[4], latent_dim=2)
+    assert grid_shape(model, (1, 8, 8)) == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"--image-shape is for flat models; this one draws "
+                                         r"images of its own shape \(1, 8, 8\)"):
+        grid_shape(model, (4, 16), "--image-shape")
 
 
 def test_bad_call_arguments():
@@ -475,6 +497,10 @@ def test_bad_call_arguments():
         model.log_likelihood(x, k=0)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         model.sample(0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        model.sample(2, generator=3)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        model.log_likelihood(x, k=2, generator="g")
     with pytest.raises(ValueError, match="x2 must have the shape of x1"):
         model.interpolate(x[:2], x[:3])
     with pytest.raises(ValueError, match=r"y is required: integer labels \(4,\) in \[0, 3\)"):

@@ -298,11 +298,12 @@ def test_conv_encoder(tmp_path):
     [
         ({"num_codes": 0}, ValueError, "num_codes must be a positive integer, got 0"),
         ({"code_dim": 2.5}, ValueError, "code_dim must be a positive integer, got 2.5"),
-        ({"decay": 1.0}, ValueError, r"decay must be a number in \(0.0, 1.0\), got 1.0"),
+        ({"decay": 1.0}, ValueError, r"decay must be a number in \(0, 1\), got 1.0"),
         # 0 would replace the averages with one batch's and zero every code it missed.
-        ({"decay": 0.0}, ValueError, r"decay must be a number in \(0.0, 1.0\), got 0.0"),
-        ({"beta": -1}, ValueError, "beta must be a number in"),
-        ({"eps": 0}, ValueError, r"eps must be a number in \(0.0, inf\), got 0"),
+        ({"decay": 0.0}, ValueError, r"decay must be a number in \(0, 1\), got 0.0"),
+        ({"beta": -1}, ValueError, "beta must be a finite number >= 0, got -1"),
+        ({"beta": True}, ValueError, "beta must be a finite number >= 0, got True"),
+        ({"eps": 0}, ValueError, "eps must be a positive finite number, got 0"),
         ({"dead_after": -1}, ValueError, "dead_after must be a non-negative integer"),
         ({"ema": 1}, TypeError, "ema must be a bool, got int"),
         ({"input_dim": None}, ValueError, "input_dim is required"),
