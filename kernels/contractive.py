@@ -51,7 +51,11 @@ The op ``aecore::contractive_penalty`` is a custom op with its own backward (the
 not the autograd of the forward: it reuses the kept products and skips the ds_l terms of
 activations whose second derivative is zero). Under export, torch.func transforms (vmap, jvp,
 jacfwd) and forward-mode AD the public function runs :func:`contractive_penalty_reference`,
-plain differentiable torch math. Double backward is not supported by the op.
+plain differentiable torch math. Inside torch.compile it can't see a transform: there vmap maps
+the op over the batch (a rule that loops), while grad/jacrev over it stop at torch's custom-op
+autograd, which functorch transforms don't take (differentiate the reference there). A batch of
+cotangents (``is_grads_batched``) runs the reference's autograd. Double backward is not
+supported by the op.
 """
 
 from __future__ import annotations
@@ -713,6 +717,12 @@ def _backward_fn(ctx, grads):
     tensors = ctx.saved_tensors
     x, weights = tensors[0], list(tensors[1:1 + L])
     biases = list(tensors[1 + L:1 + L + n_b])
+    if _is_legacy_batched(grads[0]):
+        # A batch of cotangents (autograd.grad(is_grads_batched=True), jacobian(vectorize=
+        # True)) batches with torch's older vmap, which has no rule for an op returning a
+        # list: the reference's autograd takes them instead.
+        return (*_reference_vjp(grads[0], x, weights, biases, has_bias, act_ids, slope,
+                                ctx.needs_input_grad[:3]), None, None, None, None, None, None)
     saved = [grads[0], *tensors[1 + L + n_b:]]  # slot 0 (P) is unused by the backward
     needs_dx = ctx.needs_input_grad[0]
     out = _penalty_backward_op(grads[0].contiguous(), x, weights, biases, has_bias, act_ids,
@@ -722,6 +732,45 @@ def _backward_fn(ctx, grads):
 
 
 _penalty_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _reference_vjp(grad, x, weights, biases, has_bias, act_ids, slope, needs):
+    """(dx, [dW], [db]) of <grad, P> through :func:`contractive_penalty_reference`'s autograd;
+    None where ``needs`` (x, weights, biases) asks for none."""
+    leaves = [t.detach().requires_grad_() for t in (x, *weights, *biases)]
+    xs, ws, bs = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
+    with torch.enable_grad():
+        P = contractive_penalty_reference(xs, ws, _expand(bs, has_bias),
+                                          [ACTIVATIONS[i] for i in act_ids], slope)
+        g = torch.autograd.grad(P, leaves, grad, allow_unused=True, materialize_grads=True)
+    dx, dws, dbs = g[0], list(g[1:1 + len(ws)]), list(g[1 + len(ws):])
+    return (dx if needs[0] else None, dws if needs[1] else [None] * len(dws),
+            dbs if needs[2] else [None] * len(dbs))
+
+
+def _looped(op):
+    """A vmap rule for ``op`` that runs it once per entry of the mapped dimension: the op
+    takes a whole batch of samples already, and this is for transforms over it (torch.func.vmap
+    under torch.compile, where the public function can't route to the reference)."""
+    def rule(info, in_dims, *args):
+        outs = []
+        for i in range(info.batch_size):
+            call = []
+            for a, d in zip(args, in_dims):
+                if isinstance(d, (list, tuple)):  # a list of tensors, one dim each
+                    call.append([t if dt is None else t.select(dt, i) for t, dt in zip(a, d)])
+                else:
+                    call.append(a if d is None else a.select(d, i))
+            outs.append(op(*call))
+        stacked = [torch.stack([o[j] for o in outs]) for j in range(len(outs[0]))]
+        return stacked, [0] * len(stacked)
+    return rule
+
+
+_penalty_op.register_vmap(_looped(_penalty_op))
+_penalty_backward_op.register_vmap(_looped(_penalty_backward_op))
 
 
 # --- public function -----------------------------------------------------------------------------
