@@ -327,8 +327,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a trained model to ONNX")
     e.add_argument("model_dir")
     e.add_argument("--part", default="autoencoder",
-                   choices=["autoencoder", "encoder", "decoder", "generator", "scorer",
-                            "recommender"])
+                   choices=["autoencoder", "encoder", "decoder", "code_decoder", "generator",
+                            "scorer", "recommender"])
     e.add_argument("--out", required=True)
     e.add_argument("--quantize", choices=["dynamic", "static", "fp16"], default=None)
     e.add_argument("--calibration", default=None, help=".npy inputs for static quantization")

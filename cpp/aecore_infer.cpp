@@ -3,8 +3,9 @@
 //   aecore_infer MODEL.onnx INPUT.npy OUT_PREFIX [LABELS.npy]
 //
 // INPUT.npy holds float32 model inputs (B, ...), already normalised (the model's metadata
-// "normalization" says how). A conditional model also takes LABELS.npy, integer class ids (B,)
-// in [0, num_classes). Each output is written to OUT_PREFIX.<output name>.npy, and the model's
+// "normalization" says how); for a VQ-VAE's code decoder, integer code indices (B, num_latents)
+// in [0, num_codes). A conditional model also takes LABELS.npy, integer class ids (B,) in
+// [0, num_classes). Each output is written to OUT_PREFIX.<output name>.npy, and the model's
 // metadata is printed.
 #include <onnxruntime_cxx_api.h>
 
@@ -41,18 +42,32 @@ int main(int argc, char** argv) {
     Ort::AllocatorWithDefaultOptions alloc;
 
     Ort::ModelMetadata meta = session.GetModelMetadata();
-    int64_t num_classes = 0;  // 0: not a conditional model, labels are not range-checked
+    // 0: not in the metadata, ids are not range-checked (class ids of a conditional model,
+    // code indices of a code decoder).
+    int64_t num_classes = 0, num_codes = 0;
     for (auto& key : meta.GetCustomMetadataMapKeysAllocated(alloc)) {
       auto value = meta.LookupCustomMetadataMapAllocated(key.get(), alloc);
       std::cout << key.get() << " = " << value.get() << "\n";
-      if (std::string(key.get()) == "num_classes") {
+      std::string k = key.get();
+      if (k == "num_classes" || k == "num_codes") {
         char* end = nullptr;
         long long n = std::strtoll(value.get(), &end, 10);
-        if (end != value.get() && *end == '\0' && n > 0) num_classes = n;
+        if (end != value.get() && *end == '\0' && n > 0)
+          (k == "num_classes" ? num_classes : num_codes) = n;
       }
     }
 
-    npy::Array x = npy::load_float32(argv[2]);
+    // The first input is float32 samples, or int64 code indices for a code decoder.
+    bool int_input = session.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetElementType() ==
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    npy::Array x;
+    npy::IntArray xi;
+    if (int_input) {
+      xi = npy::load_int64(argv[2]);
+      x.shape = xi.shape;
+    } else {
+      x = npy::load_float32(argv[2]);
+    }
     size_t n_inputs = session.GetInputCount();
     if (n_inputs != static_cast<size_t>(argc - 3)) {
       std::cerr << "error: the model takes " << n_inputs << " input(s)\n";
@@ -89,11 +104,25 @@ int main(int argc, char** argv) {
         return 2;
       }
     }
+    // An out-of-range code index decodes to NaN in the graph.
+    if (int_input && num_codes > 0) {
+      auto [lo, hi] = std::minmax_element(xi.data.begin(), xi.data.end());
+      if (*lo < 0 || *hi >= num_codes) {
+        std::cerr << "error: " << argv[2] << ": input '" << in_names[0]
+                  << "' must hold code indices in [0, " << num_codes << "), got values in ["
+                  << *lo << ", " << *hi << "]\n";
+        return 2;
+      }
+    }
 
     Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<Ort::Value> inputs;
-    inputs.push_back(Ort::Value::CreateTensor<float>(mem, x.data.data(), x.data.size(),
-                                                     x.shape.data(), x.shape.size()));
+    if (int_input)
+      inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, xi.data.data(), xi.data.size(),
+                                                         x.shape.data(), x.shape.size()));
+    else
+      inputs.push_back(Ort::Value::CreateTensor<float>(mem, x.data.data(), x.data.size(),
+                                                       x.shape.data(), x.shape.size()));
     std::vector<int64_t> labels;
     std::vector<int64_t> label_shape;
     if (argc == 5) {

@@ -24,8 +24,9 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
                  n: int = 512) -> np.ndarray | None:
     """Inputs of ``part`` as its ONNX file takes them. From ``path`` (--calibration): raw data
     (the training data's units) for parts that take x, codes or noise as given for the decoder
-    and generator. Without it: the first ``n`` samples of the ``split`` of the model's data
-    set, encoded for the decoder; standard normal noise for the generator; None when the
+    and generator, code indices as given for the code decoder. Without it: the first ``n``
+    samples of the ``split`` of the model's data set, encoded for the decoder (their code
+    indices for the code decoder); standard normal noise for the generator; None when the
     model's config names no data set."""
     import torch
 
@@ -39,6 +40,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
         raw = load_npy(path, source)
         if part in ("decoder", "generator"):
             return np.asarray(raw, np.float32)
+        if part == "code_decoder":
+            return raw  # quantize checks the indices' dtype, shape and range
     else:
         from aecore import data as datasets
 
@@ -53,6 +56,8 @@ def _part_inputs(model_dir, model, part: str, path: str | None = None, split: st
     # The recommender normalises in-graph: it takes raw rows.
     x = sample_rows(raw, model.input_shape, source,
                     model.normalization if part != "recommender" else None)
+    if part == "code_decoder":
+        return model.codes(torch.from_numpy(x)).numpy()
     if part != "decoder":
         return x
     from aecore.export.onnx_export import _encode
@@ -140,12 +145,17 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
 def _infer_inputs(model, raw: np.ndarray, input_path, normalize: bool) -> np.ndarray:
     """The first input of the exported ``model`` from raw samples, in the layouts ``aecore
     denoise`` takes: (N, *sample) flat or shaped, or one sample; codes (N, latent) or one code
-    for a decoder or generator. Normalised as the model's metadata says."""
+    for a decoder or generator; integer code indices (N, num_latents) or one row of them for a
+    code decoder. Normalised as the model's metadata says."""
     from aecore.io import sample_rows
     from aecore.normalization import Normalization
 
     part = model.metadata.get("part")
     name = f"input {str(input_path)!r}"
+    if part == "code_decoder":
+        if raw.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer code indices, got dtype {raw.dtype}")
+        return np.atleast_2d(raw)  # the runtime checks their shape and range
     if part in ("decoder", "generator"):
         dims = model.inputs[0].shape[1:]
         if not all(isinstance(d, int) for d in dims):  # a graph without fixed code dims
@@ -198,7 +208,8 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
     norm = model.metadata.get("normalization") if normalize else None
     outputs = model.run_all(x, *extra)
     first = model.output_names[0]
-    if norm and model.metadata.get("part") in ("autoencoder", "decoder", "generator"):
+    if norm and model.metadata.get("part") in ("autoencoder", "decoder", "code_decoder",
+                                               "generator"):
         outputs[first] = Normalization.from_dict(norm).invert(outputs[first])
     if model.metadata.get("part") == "autoencoder" and outputs[first].size == raw.size:
         # Reconstructions in the input's layout, as aecore denoise writes them.

@@ -3,6 +3,9 @@
 Parts: ``autoencoder`` (x -> reconstruction), ``encoder`` (x -> code; mu and logvar for VAEs;
 for the VQ-VAE the quantized code z, what its decoder takes, and the int64 code indices
 (B, num_latents), what a compressed file stores), ``decoder`` (code -> reconstruction),
+``code_decoder`` (the VQ-VAE's int64 code indices (B, num_latents) -> reconstruction: what
+decompresses a stored file; an index outside [0, num_codes) gives a NaN reconstruction, and the
+runtimes refuse one before running),
 ``generator`` (noise -> sample, for models with a prior; the noise is an input so results are
 reproducible), ``scorer`` (x -> per-sample reconstruction error and an is-anomaly flag against a
 threshold) and ``recommender`` (a user's interaction row (B, I) -> the ``k`` items the user has
@@ -29,7 +32,8 @@ from torch import nn
 
 from aecore.io import write_bytes
 
-PARTS = ("autoencoder", "encoder", "decoder", "generator", "scorer", "recommender")
+PARTS = ("autoencoder", "encoder", "decoder", "code_decoder", "generator", "scorer",
+         "recommender")
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -81,6 +85,8 @@ class _Part(nn.Module):
             return _encode(m, x, *extra)
         if self.part in ("decoder", "generator"):
             return m.decode(x, *extra)
+        if self.part == "code_decoder":
+            return m.decode(m.lookup(x))
         err = m.reconstruction_error(x, *extra)
         # Not (err <= threshold) rather than err > threshold: a NaN score (a corrupt sample)
         # is flagged, not passed as normal.
@@ -97,7 +103,7 @@ def _encode(model, x, *extra):
 
 def _io_names(model, part: str, n_outputs: int) -> tuple[list[str], list[str]]:
     first = {"autoencoder": "x", "encoder": "x", "scorer": "x", "decoder": "z",
-             "generator": "noise", "recommender": "x"}[part]
+             "code_decoder": "indices", "generator": "noise", "recommender": "x"}[part]
     inputs = [first, "labels"] if _conditional(model) else [first]
     if part == "scorer":
         outputs = ["score", "is_anomaly"]
@@ -121,6 +127,9 @@ def _examples(model, part: str, batch: int, generator: torch.Generator) -> tuple
         x = (x < 0.2).float()
     labels = (torch.randint(0, model.num_classes, (batch,), generator=generator)
               if _conditional(model) else None)
+    if part == "code_decoder":
+        return (torch.randint(0, model.num_codes, (batch, model.num_latents),
+                              generator=generator),)
     if part in ("decoder", "generator"):
         with torch.no_grad():
             code = _encode(model, x, labels) if labels is not None else _encode(model, x)
@@ -159,6 +168,9 @@ def _metadata(model, part: str, threshold: float | None, inputs, outputs,
     }
     if _conditional(model):
         meta["num_classes"] = json.dumps(int(model.num_classes))
+    if model.family == "vq-vae":
+        meta["num_codes"] = json.dumps(int(model.num_codes))
+        meta["num_latents"] = json.dumps(int(model.num_latents))
     if threshold is not None:
         meta["threshold"] = json.dumps(float(threshold))
     if k is not None:
@@ -266,6 +278,9 @@ def to_onnx(model, path: str | os.PathLike, *, part: str = "autoencoder", opset:
         # Verifying at no batch size would verify nothing; a batch of 0 checks no value.
         raise ValueError(f"check_batches must be a non-empty tuple of batch sizes >= 1, "
                          f"got {check_batches!r}")
+    if part == "code_decoder" and model.family != "vq-vae":
+        raise ValueError(f"part='code_decoder' decodes a VQ-VAE's code indices; "
+                         f"{model.family!r} has no codebook: export its 'decoder' instead")
     if part == "generator" and not _has_prior(model):
         raise ValueError(f"part='generator' needs a model with a prior (vae, cvae); "
                          f"{model.family!r} has none: export its 'decoder' instead")

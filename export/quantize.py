@@ -28,14 +28,21 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def _samples(a, name: str, dims: list[int]) -> np.ndarray:
-    """``a`` as a contiguous float32 (N, *dims) array with N >= 1 and finite values."""
+def _samples(a, name: str, dims: list[int], codes: int | None = None) -> np.ndarray:
+    """``a`` as a contiguous float32 (N, *dims) array with N >= 1 and finite values; with
+    ``codes`` (a code decoder's input), as int64 code indices in [0, codes)."""
     a = np.asarray(a)
-    if a.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    if a.dtype.kind not in ("biuf" if codes is None else "iu"):
+        want = "a real numeric" if codes is None else "an integer (code indices)"
+        raise TypeError(f"{name} must be {want} array, got dtype {a.dtype}")
     if a.ndim != len(dims) + 1 or list(a.shape[1:]) != dims or len(a) == 0:
         raise ValueError(f"{name} must have shape (N, {', '.join(map(str, dims))}) with N >= 1, "
                          f"got {a.shape}")
+    if codes is not None:
+        if a.min() < 0 or a.max() >= codes:
+            raise ValueError(f"{name} must hold code indices in [0, {codes}), got values in "
+                             f"[{a.min()}, {a.max()}]")
+        return np.ascontiguousarray(a, dtype=np.int64)
     a = np.ascontiguousarray(a, dtype=np.float32)
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf (or values beyond float32's range)")
@@ -69,7 +76,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
              calibration: np.ndarray | None = None, inputs: np.ndarray | None = None) -> dict:
     """Write an int8 (``dynamic``/``static``) or ``fp16`` variant of ``src`` to ``dst``.
 
-    ``calibration`` (N, ...) float32 model inputs are required for ``static``; the report's
+    ``calibration`` (N, ...) float32 model inputs (int code indices for a ``code_decoder``) are
+    required for ``static``; the report's
     error (of the first floating output: a recommender's scores) and latency are measured on
     ``inputs`` (default: the calibration set, else random inputs in [0, 1], 0/1 rows for a
     recommender). Returns {"mode", "src_bytes", "dst_bytes", "size_ratio",
@@ -98,16 +106,22 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     dims = [d.dim_value for d in first.type.tensor_type.shape.dim[1:]]
     if mode == "static" and calibration is None:
         raise ValueError("mode='static' needs calibration inputs (N, ...) float32")
-    if calibration is not None:
-        calibration = _samples(calibration, "calibration", dims)
     props = {p.key: p.value for p in model.metadata_props}
+    # A code decoder takes int64 code indices; every other part float32 samples.
+    codes = int(props["num_codes"]) if props.get("part") == "code_decoder" else None
+    if calibration is not None:
+        calibration = _samples(calibration, "calibration", dims, codes)
     if inputs is None:
         rng = np.random.default_rng(0)
-        inputs = (calibration[:256] if calibration is not None
-                  else rng.random((64, *dims), dtype=np.float32))
-        if calibration is None and props.get("part") == "recommender":
-            inputs = (inputs < 0.2).astype(np.float32)  # interaction rows: 1 = seen
-    inputs = _samples(inputs, "inputs", dims)
+        if calibration is not None:
+            inputs = calibration[:256]
+        elif codes is not None:
+            inputs = rng.integers(0, codes, (64, *dims))
+        else:
+            inputs = rng.random((64, *dims), dtype=np.float32)
+            if props.get("part") == "recommender":
+                inputs = (inputs < 0.2).astype(np.float32)  # interaction rows: 1 = seen
+    inputs = _samples(inputs, "inputs", dims, codes)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"

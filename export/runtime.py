@@ -83,8 +83,10 @@ class Model:
         self.max_batch = max_batch
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, Any] = {k: _parse(v) for k, v in meta.items()}
-        classes = self.metadata.get("num_classes")
-        self._classes = classes if isinstance(classes, int) and classes > 0 else None
+        # Integer inputs hold ids the graph can't check: a conditional model's class ids, a
+        # code decoder's code indices. Their range, from the metadata, is checked per call.
+        ranges = {"labels": ("class ids", self.metadata.get("num_classes")),
+                  "indices": ("code indices", self.metadata.get("num_codes"))}
         self.inputs = self.session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self._specs = []
@@ -95,7 +97,9 @@ class Model:
             fixed = tuple((axis, dim) for axis, dim in enumerate(spec.shape)
                           if isinstance(dim, int))
             want = np.dtype(want)
-            self._specs.append((spec.name, want, want.kind == "f", spec.shape, fixed))
+            what, bound = ranges.get(spec.name, (None, None))
+            bound = (what, bound) if isinstance(bound, int) and bound > 0 else None
+            self._specs.append((spec.name, want, want.kind == "f", spec.shape, fixed, bound))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _check(self, arrays: tuple) -> list[np.ndarray]:
@@ -106,7 +110,7 @@ class Model:
         out = []
         # Per-input facts are precomputed in __init__: this runs on every call, and at batch 1
         # its cost is a visible part of the latency.
-        for a, (name, want, is_float, shape, fixed) in zip(arrays, self._specs):
+        for a, (name, want, is_float, shape, fixed, bound) in zip(arrays, self._specs):
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if a.dtype.kind not in ("f" if is_float else "iu"):
@@ -130,11 +134,11 @@ class Model:
             # overflows; only then is every element checked).
             if is_float and not math.isfinite(a.sum()) and not np.isfinite(a).all():
                 raise ValueError(f"input {name!r} contains NaN or Inf")
-            # An out-of-range class id one-hot encodes to zeros in the graph: a silent wrong
-            # answer, so it is caught here.
-            if self._classes and not is_float and (a.min() < 0 or a.max() >= self._classes):
-                raise ValueError(f"input {name!r} must hold class ids in "
-                                 f"[0, {self._classes}), got values in [{a.min()}, {a.max()}]")
+            # An out-of-range class id one-hot encodes to zeros in the graph, a silent wrong
+            # answer; an out-of-range code index decodes to NaN. Both are caught here.
+            if bound and (a.min() < 0 or a.max() >= bound[1]):
+                raise ValueError(f"input {name!r} must hold {bound[0]} in [0, {bound[1]}), "
+                                 f"got values in [{a.min()}, {a.max()}]")
             out.append(a)
         return out
 

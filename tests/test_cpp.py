@@ -13,6 +13,7 @@ import torch
 from aecore.autoencoder import AutoEncoder
 from aecore.export import Model, to_onnx
 from aecore.vae import ConditionalVAE
+from aecore.vqvae import VQVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = Path(os.environ.get("AECORE_ORT_HEADERS", ROOT / "build/onnxruntime-headers"))
@@ -106,6 +107,33 @@ def test_cpp_conditional_labels(binary, tmp_path):
         assert proc.returncode != 0 and f"error: {tmp_path / name}: " in proc.stderr, name
         assert message in proc.stderr, (name, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob("bad.*"))
+
+
+def test_cpp_code_decoder_takes_integer_indices(binary, tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(64, [32], num_latents=3, code_dim=4, num_codes=16).eval()
+    path = to_onnx(model, tmp_path / "codes.onnx", part="code_decoder")
+    indices = np.random.default_rng(0).integers(0, 16, (6, 3))
+    want = Model(path).run(indices)
+    for dtype in (np.int64, np.uint8):
+        np.save(tmp_path / "i.npy", indices.astype(dtype))
+        proc = _run(binary, path, tmp_path / "i.npy", tmp_path / "out")
+        assert proc.returncode == 0, proc.stderr
+        assert "num_codes = 16" in proc.stdout
+        np.testing.assert_array_equal(np.load(tmp_path / "out.reconstruction.npy"), want)
+    bad = {
+        "high.npy": (np.full((2, 3), 16), "input 'indices' must hold code indices in [0, 16), "
+                                          "got values in [16, 16]"),
+        "negative.npy": (np.array([[0, -1, 2]]), "must hold code indices in [0, 16)"),
+        "float.npy": (indices.astype(np.float32), "expected integer data"),
+        "wide.npy": (np.zeros((2, 4), np.int64), "input dimension 1 must be 3, got 4"),
+        "empty.npy": (np.zeros((0, 3), np.int64), "input 'indices' is an empty batch"),
+    }
+    for name, (value, message) in bad.items():
+        np.save(tmp_path / name, value)
+        proc = _run(binary, path, tmp_path / name, tmp_path / "bad")
+        assert proc.returncode != 0 and message in proc.stderr, (name, proc.stderr)
     assert not list(tmp_path.glob("bad.*"))
 
 

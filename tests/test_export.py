@@ -31,6 +31,8 @@ def _parts(model):
     parts = ["autoencoder", "encoder", "decoder", "scorer"]
     if model.family in ("vae", "cvae"):
         parts.append("generator")
+    if model.family == "vq-vae":
+        parts.append("code_decoder")
     return parts
 
 
@@ -39,6 +41,8 @@ def _inputs(model, part, batch, seed=1):
     x = torch.rand(batch, *model.input_shape, generator=g)
     cond = model.family == "cvae"
     y = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (batch,), generator=g)
+    if part == "code_decoder":
+        return (torch.randint(0, model.num_codes, (batch, model.num_latents), generator=g),)
     if part in ("decoder", "generator"):
         with torch.no_grad():
             code = model.encode(x, y) if cond else model.encode(x)
@@ -59,6 +63,8 @@ def _torch_outputs(model, part, inputs, threshold):
                 out = model.quantize(out)
         elif part in ("decoder", "generator"):
             out = model.decode(*inputs)
+        elif part == "code_decoder":
+            out = model.decode_codes(*inputs)
         else:
             err = model.reconstruction_error(*inputs)
             out = (err, err > threshold)
@@ -125,6 +131,33 @@ def test_encoder_then_decoder_is_the_autoencoder(exported, name):
             want = model.decode_codes(torch.from_numpy(codes["indices"]))
         np.testing.assert_allclose(next(iter(back.values())), want.numpy(), rtol=1e-5,
                                    atol=1e-6)
+        # The indices alone, what a compressed file keeps, decode to the same.
+        from_indices = Model(exported[name, "code_decoder"][1]).run(codes["indices"])
+        np.testing.assert_allclose(from_indices, next(iter(whole.values())), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_code_decoder_refuses_indices_outside_the_codebook(exported):
+    model, path = exported["vq-vae", "code_decoder"]
+    runtime = Model(path)
+    assert runtime.input_names == ["indices"] and runtime.metadata["num_codes"] == model.num_codes
+    good = np.zeros((2, model.num_latents), np.int64)
+    for bad_value in (-1, model.num_codes):
+        bad = good.copy()
+        bad[1, 0] = bad_value
+        with pytest.raises(ValueError, match=rf"input 'indices' must hold code indices in "
+                                             rf"\[0, {model.num_codes}\)"):
+            runtime.run(bad)
+        # Unchecked, the graph gives NaN for that sample (ONNX's Gather would wrap -1 to the
+        # last code), never another code's reconstruction; the other sample decodes as usual.
+        raw = runtime.session.run(None, {"indices": bad})[0]
+        assert np.isnan(raw[1]).all() and np.isfinite(raw[0]).all()
+    with pytest.raises(TypeError, match="input 'indices' must be a int64 array"):
+        runtime.run(good.astype(np.float32))
+    with pytest.raises(ValueError, match="part='code_decoder' decodes a VQ-VAE's code indices; "
+                                         "'ae' has no codebook"):
+        to_onnx(exported["ae", "autoencoder"][0], Path(path).with_name("no.onnx"),
+                part="code_decoder")
 
 
 def test_metadata_round_trips(exported):
@@ -255,3 +288,44 @@ def test_cli_export_and_infer(tmp_path):
     assert main(["export", str(tmp_path / "m"), "--out", str(q), "--quantize", "static"]) == 0
     assert json.loads(json.dumps(Model(q).metadata))["quantization"] == "static"
     assert Path(q).stat().st_size < onnx_path.stat().st_size
+
+
+def test_cli_code_decoder_decompresses_the_encoders_indices(tmp_path, capsys):
+    # Compress with the encoder part (its indices file), decompress with the code decoder:
+    # the autoencoder's reconstructions, in the data's units; int8 variants calibrate on the
+    # model's data set encoded to indices.
+    from aecore.cli import main
+    from aecore.io import save_model
+
+    model = _small("vq-vae")
+    model.normalization = Normalization(mean=0.0, std=16.0)
+    save_model(model, tmp_path / "m", extra={"data": "digits"})
+    raw = load_digits().x_test[:7].reshape(7, 64)
+    np.save(tmp_path / "x.npy", raw)
+    for part in ("autoencoder", "encoder", "code_decoder"):
+        assert main(["export", str(tmp_path / "m"), "--part", part, "--out",
+                     str(tmp_path / f"{part}.onnx")]) == 0
+    assert main(["infer", str(tmp_path / "encoder.onnx"), str(tmp_path / "x.npy"), "--out",
+                 str(tmp_path / "z.npy")]) == 0
+    indices = np.load(tmp_path / "z.indices.npy")
+    assert indices.dtype == np.int64 and indices.shape == (7, model.num_latents)
+    assert main(["infer", str(tmp_path / "code_decoder.onnx"), str(tmp_path / "z.indices.npy"),
+                 "--out", str(tmp_path / "back.npy")]) == 0
+    assert main(["infer", str(tmp_path / "autoencoder.onnx"), str(tmp_path / "x.npy"), "--out",
+                 str(tmp_path / "whole.npy")]) == 0
+    back, whole = np.load(tmp_path / "back.npy"), np.load(tmp_path / "whole.npy")
+    np.testing.assert_allclose(back.reshape(whole.shape), whole, rtol=1e-5, atol=1e-4)
+    assert whole.max() > 2  # inverted normalisation: the data's units, not [0, 1]
+    np.save(tmp_path / "f.npy", indices.astype(np.float32))
+    capsys.readouterr()
+    assert main(["infer", str(tmp_path / "code_decoder.onnx"), str(tmp_path / "f.npy"), "--out",
+                 str(tmp_path / "no.npy")]) == 2
+    assert "must hold integer code indices, got dtype float32" in capsys.readouterr().err
+    for mode in ("dynamic", "static"):
+        q = tmp_path / f"{mode}.onnx"
+        assert main(["export", str(tmp_path / "m"), "--part", "code_decoder", "--quantize",
+                     mode, "--out", str(q)]) == 0
+        assert f"wrote {q} ({mode})" in capsys.readouterr().out
+        got = Model(q).run(indices)
+        assert np.isfinite(got).all() and got.shape == Model(tmp_path / "code_decoder.onnx").run(
+            indices).shape
