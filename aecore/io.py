@@ -51,7 +51,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     The file gets the permissions of the file it replaces, or those a plain ``open`` would
     give it (0666 less the umask): mkstemp alone would leave it private (0600).
     """
-    path = Path(path)
+    return atomic_writes({path: write})[0]
+
+
+def atomic_writes(writes: dict[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
+    """:func:`atomic_write` for a set of files that belong together: every one is written
+    beside its target first, and only once all are written are they renamed into place, so a
+    failure while writing (a full disk) leaves every target as it was."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in writes.items():
+            staged.append((_stage(Path(path), write), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return [path for _, path in staged]
+
+
+def _stage(path: Path, write: Callable[[str], None]) -> str:
+    """A complete, synced temp file beside ``path`` with ``path``'s permissions to be."""
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory, not a file path")
     above = next((p for p in path.parents if p.exists()), None)
@@ -73,12 +95,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, mode)  # after the write: a writer may replace the file (safetensors does)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    return tmp
 
 
 def _cannot_create(folder: Path, error: OSError) -> str:

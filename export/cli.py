@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from aecore.io import check_output, load_npy, write_bytes
+from aecore.io import atomic_writes, check_output, load_npy
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    write_bytes(path, buf.getvalue())
+def save_npys(arrays: dict[Path, np.ndarray]) -> None:
+    """Write each array to its .npy path, as one set (:func:`aecore.io.atomic_writes`): the
+    outputs of one run are never mixed with an earlier run's."""
+    def writer(array: np.ndarray):
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+        return write
+
+    atomic_writes({path: writer(a) for path, a in arrays.items()})
 
 
 def _part_inputs(model_dir, model, part: str, path: str | None = None, split: str = "train",
@@ -214,7 +218,6 @@ def infer_cli(model_path, input_path, out_path, labels_path=None, normalize: boo
     if model.metadata.get("part") == "autoencoder" and outputs[first].size == raw.size:
         # Reconstructions in the input's layout, as aecore denoise writes them.
         outputs[first] = outputs[first].reshape(raw.shape)
-    for path, value in zip((out_path, *paths), outputs.values()):
-        save_npy(path, value)
+    save_npys(dict(zip((out_path, *paths), outputs.values())))
     print(f"wrote {out_path}: " + json.dumps({k: list(v.shape) for k, v in outputs.items()}))
     return outputs

@@ -4,6 +4,7 @@ clear errors naming the argument, nothing overwritten, the caller's model left a
 import os
 import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,27 @@ def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path)
         assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_bytes() == b"2"
     finally:
         os.umask(old)
+
+
+def test_a_set_of_files_is_replaced_together_or_not_at_all(tmp_path):
+    from aecore.io import atomic_writes
+
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+
+    def full_disk(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_writes({a: lambda t: Path(t).write_bytes(b"new a"), b: full_disk})
+    # The first file, written in full, was not renamed in: the set stays the old one.
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]  # no temp left
+    atomic_writes({a: lambda t: Path(t).write_bytes(b"new a"),
+                   b: lambda t: Path(t).write_bytes(b"new b")})
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
 
 
 def test_model_weights_and_checkpoints_follow_the_umask(tmp_path):
