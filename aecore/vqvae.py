@@ -65,8 +65,7 @@ class VQVAE(AutoEncoderBase):
     (C, H, W) and ``channels``, inputs (B, C, H, W). ``encode`` -> z_e (B, latent_dim) with
     latent_dim = num_latents * code_dim; ``quantize(z_e)`` -> (z_q (B, latent_dim),
     indices int64 (B, num_latents)); ``decode(z_q)`` -> (B, *input_shape); ``forward`` =
-    decode(quantize(encode(x))); ``codes(x)`` -> indices; ``decode_codes(indices)``; ``lookup``
-(indices -> z_q, unchecked).
+    decode(quantize(encode(x))); ``codes(x)`` -> indices; ``decode_codes(indices)``.
     """
 
     family = "vq-vae"
@@ -234,18 +233,13 @@ class VQVAE(AutoEncoderBase):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
             raise ValueError(f"indices must lie in [0, {self.num_codes}), got values in "
                              f"[{int(indices.min())}, {int(indices.max())}]")
-        return self.decode(self.lookup(indices.long()))
+        return self.decode(self._lookup(indices.long()))
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """int64 code indices (B, num_latents) -> z_q (B, latent_dim), the codebook's entries.
-
-        Unchecked (``decode_codes`` checks): a slot holding an index outside [0, num_codes) is
-        NaN, never another code's entry, which is what the exported ``code_decoder`` graph, in
-        which nothing can raise, gives for a corrupt index file.
-        """
-        valid = (indices >= 0) & (indices < self.num_codes)
-        e = self.codebook[indices.clamp(0, self.num_codes - 1)]    # (B, num_latents, code_dim)
-        e = e.masked_fill(~valid[..., None], float("nan"))
+    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 code indices (B, num_latents) in [0, num_codes), unchecked (callers check or
+        mask: ``decode_codes``, the exported ``code_decoder``) -> z_q (B, latent_dim)."""
+        # Clamped so that a graph, in which nothing can raise, never reads past the codebook.
+        e = self.codebook[indices.clamp(0, self.num_codes - 1)]
         return e.reshape(indices.shape[0], self.latent_dim)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,

@@ -13,8 +13,8 @@ from aecore.io import atomic_writes, check_output, load_npy
 
 
 def save_npys(arrays: dict[Path, np.ndarray]) -> None:
-    """Write each array to its .npy path, as one set (:func:`aecore.io.atomic_writes`): the
-    outputs of one run are never mixed with an earlier run's."""
+    """Write each array to its .npy path, as one set (:func:`aecore.io.atomic_writes`): a
+    failed write leaves the earlier run's files as they were."""
     def writer(array: np.ndarray):
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:

@@ -86,7 +86,12 @@ class _Part(nn.Module):
         if self.part in ("decoder", "generator"):
             return m.decode(x, *extra)
         if self.part == "code_decoder":
-            return m.decode(m.lookup(x))
+            out = m.decode(m._lookup(x))
+            # A sample with an index outside the codebook is NaN. Masked on the output, after
+            # the last layer: a NaN code would poison an int8 variant's dynamic quantization
+            # scale, and with it every sample of the batch.
+            bad = ~((x >= 0) & (x < m.num_codes)).all(1)
+            return out.masked_fill(bad.view(-1, *[1] * (out.dim() - 1)), float("nan"))
         err = m.reconstruction_error(x, *extra)
         # Not (err <= threshold) rather than err > threshold: a NaN score (a corrupt sample)
         # is flagged, not passed as normal.

@@ -108,7 +108,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
         raise ValueError("mode='static' needs calibration inputs (N, ...) float32")
     props = {p.key: p.value for p in model.metadata_props}
     # A code decoder takes int64 code indices; every other part float32 samples.
-    codes = int(props["num_codes"]) if props.get("part") == "code_decoder" else None
+    codes = None
+    if props.get("part") == "code_decoder":
+        if not props.get("num_codes", "").isdigit():
+            raise ValueError(f"src {str(src)!r} is a code decoder without a num_codes entry in "
+                             "its metadata: export it again with aecore")
+        codes = int(props["num_codes"])
     if calibration is not None:
         calibration = _samples(calibration, "calibration", dims, codes)
     if inputs is None:

@@ -128,17 +128,18 @@ class Model:
             if out and a.shape[0] != out[0].shape[0]:
                 raise ValueError(f"input {name!r} has batch {a.shape[0]}, but "
                                  f"{self.inputs[0].name!r} has {out[0].shape[0]}")
+            # An out-of-range class id one-hot encodes to zeros in the graph, a silent wrong
+            # answer; an out-of-range code index decodes to NaN. Both are caught here, before
+            # the cast to int64 (a uint64 beyond its range would wrap).
+            if bound and (a.min() < 0 or a.max() >= bound[1]):
+                raise ValueError(f"input {name!r} must hold {bound[0]} in [0, {bound[1]}), "
+                                 f"got values in [{a.min()}, {a.max()}]")
             if a.dtype != want or not a.flags.c_contiguous:
                 a = np.ascontiguousarray(a, dtype=want)
             # One reduction finds NaN/Inf (a sum of finite values is finite unless it
             # overflows; only then is every element checked).
             if is_float and not math.isfinite(a.sum()) and not np.isfinite(a).all():
                 raise ValueError(f"input {name!r} contains NaN or Inf")
-            # An out-of-range class id one-hot encodes to zeros in the graph, a silent wrong
-            # answer; an out-of-range code index decodes to NaN. Both are caught here.
-            if bound and (a.min() < 0 or a.max() >= bound[1]):
-                raise ValueError(f"input {name!r} must hold {bound[0]} in [0, {bound[1]}), "
-                                 f"got values in [{a.min()}, {a.max()}]")
             out.append(a)
         return out
 

@@ -154,6 +154,25 @@ def test_code_decoder_refuses_indices_outside_the_codebook(exported):
         assert np.isnan(raw[1]).all() and np.isfinite(raw[0]).all()
     with pytest.raises(TypeError, match="input 'indices' must be a int64 array"):
         runtime.run(good.astype(np.float32))
+    huge = good.astype(np.uint64)
+    huge[0, 0] = 2**63  # named as it is, not as the int64 it would wrap to
+    with pytest.raises(ValueError, match=r"got values in \[0, 9223372036854775808\]"):
+        runtime.run(huge)
+    # Quantized variants keep the NaN: int8 first layers would turn a NaN code into numbers.
+    bad = good.copy()
+    bad[1, 0] = -1
+    calib = np.random.default_rng(0).integers(0, model.num_codes, (32, model.num_latents))
+    for mode in ("dynamic", "static", "fp16"):
+        q = Path(path).with_name(f"codes-{mode}.onnx")
+        quantize(path, q, mode=mode, calibration=calib if mode == "static" else None)
+        raw = Model(q).session.run(None, {"indices": bad})[0]
+        assert np.isnan(raw[1]).all() and np.isfinite(raw[0]).all(), mode
+    stripped = onnx.load(str(path))
+    del stripped.metadata_props[:]
+    onnx.helper.set_model_props(stripped, {"part": "code_decoder"})
+    onnx.save(stripped, str(Path(path).with_name("stripped.onnx")))
+    with pytest.raises(ValueError, match="code decoder without a num_codes entry"):
+        quantize(Path(path).with_name("stripped.onnx"), Path(path).with_name("s8.onnx"))
     with pytest.raises(ValueError, match="part='code_decoder' decodes a VQ-VAE's code indices; "
                                          "'ae' has no codebook"):
         to_onnx(exported["ae", "autoencoder"][0], Path(path).with_name("no.onnx"),

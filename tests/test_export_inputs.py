@@ -76,7 +76,7 @@ def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path)
         os.umask(old)
 
 
-def test_a_set_of_files_is_replaced_together_or_not_at_all(tmp_path):
+def test_a_failed_write_in_a_set_of_files_replaces_none_of_them(tmp_path):
     from aecore.io import atomic_writes
 
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
