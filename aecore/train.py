@@ -11,6 +11,7 @@ import atexit
 import math
 import numbers
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -344,8 +345,11 @@ class Trainer:
                 batches[-2:] = [torch.cat(batches[-2:])]
             sums: dict[str, float] = {}
             seen = 0
+            # The per-batch bar only where it redraws in place (a terminal, a notebook): in a
+            # log file it would be a line every tenth of a second. Epoch lines print anyway.
+            live = sys.stderr.isatty() or "notebook" in tqdm.__module__
             bar = tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                       disable=not self.progress or self.rank != 0)
+                       disable=not (self.progress and live) or self.rank != 0)
             for step, idx in enumerate(bar):
                 idx = idx[self.rank::self.world]
                 xb = x[idx].to(self.device, non_blocking=True)

@@ -525,3 +525,15 @@ def test_cli_train_writes_weights_config_history(tmp_path):
     assert config["kwargs"]["tied"] is True and config["normalization"] == {"mean": 0.0,
                                                                            "std": 16.0}
     assert main(["train", "--model", "nope", "--data", "digits", "--out", str(out)]) == 2
+
+
+def test_progress_bar_only_where_it_redraws(capsys, monkeypatch):
+    # Piped into a log, the per-batch bar would be a line every tenth of a second: only the
+    # epoch lines are written there; a terminal gets the bar too.
+    x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    Trainer(_model(), batch_size=8, epochs=1, val_fraction=0.0).fit(x)
+    out, err = capsys.readouterr()
+    assert "epoch 1/1  train_loss=" in out and "it/s" not in err and "\r" not in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    Trainer(_model(), batch_size=8, epochs=1, val_fraction=0.0).fit(x)
+    assert "it/s" in capsys.readouterr().err
