@@ -151,9 +151,11 @@ def sample_rows(raw: np.ndarray, shape, name: str,
                          f"got an array of shape {raw.shape}")
     if n == 0:
         raise ValueError(f"{name} holds no samples (shape {raw.shape})")
-    if len(shape) > 1 and raw.ndim == len(shape) + 1 and raw.shape[1:] != shape:
-        # (N, 28, 28, 1) for (1, 28, 28): the same size in another layout, which a reshape
-        # would scramble without a word.
+    # One sample's layout: each row of a batch, or the whole array when it is one sample.
+    sample = raw.shape[1:] if n > 1 or raw.ndim == len(shape) + 1 else raw.shape
+    if len(shape) > 1 and len(sample) == len(shape) and sample != shape:
+        # (N, 28, 28, 1) or one (28, 28, 1) for (1, 28, 28): the same size in another layout,
+        # which a reshape would scramble without a word.
         raise ValueError(f"{name} must hold samples of shape {shape} (channels first), got "
                          f"an array of shape {raw.shape}: transpose it (channels last?)")
     if not np.isfinite(raw).all():

@@ -86,7 +86,9 @@ def run(out: str | Path = "runs/quickstart", epochs: int | None = None, latent: 
 
     # The data root too: search and export rebuild the split from the config.
     save_model(model, out / "model", history,
-               extra={"data": data.name, "data_root": data_root, "seed": seed})
+               extra={"data": data.name, "seed": seed,
+                      # Absolute, as aecore train saves it: later commands run from anywhere.
+                      "data_root": None if data_root is None else str(Path(data_root).resolve())})
     n = 10
     grid = np.concatenate([x_test[:n], np.clip(recon[:n], 0, 1)]).reshape(2 * n, *data.sample_shape)
     save_image_grid(grid, out / "reconstructions.png", nrow=n,

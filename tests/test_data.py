@@ -255,6 +255,14 @@ def test_image_samples_in_another_layout_are_refused():
                                          r"\(channels first\), got an array of shape "
                                          r"\(2, 8, 8, 1\): transpose it"):
         model_inputs(m, np.zeros((2, 8, 8, 1)), "input")
+    assert model_inputs(m, np.zeros((8, 8)), "input").shape == (1, 1, 8, 8)  # one (H, W) image
+    rgb = ConvAutoEncoder((3, 8, 8), [4], 3)
+    for ok in ((3, 8, 8), (2, 3, 8, 8), (192,), (2, 192)):
+        assert model_inputs(rgb, np.zeros(ok), "input").shape[1:] == (3, 8, 8), ok
+    # One channels-last image as well as a batch of them: a reshape would scramble either.
+    for bad in ((8, 8, 3), (2, 8, 8, 3)):
+        with pytest.raises(ValueError, match=r"\(channels first\), got an array of shape"):
+            model_inputs(rgb, np.zeros(bad), "input")
 
 
 def test_a_normalization_must_fit_the_model_it_travels_with(tmp_path):

@@ -62,3 +62,16 @@ def test_quickstart_leaves_another_tools_model_folder_alone(tmp_path, no_fashion
     with pytest.raises(ValueError, match="holds a config.json that is not an aecore model's"):
         run(out=tmp_path / "qs", epochs=1, progress=False)
     assert [p.name for p in (tmp_path / "qs" / "model").iterdir()] == ["config.json"]
+
+
+def test_quickstart_records_its_data_root_absolute(tmp_path, monkeypatch):
+    # Later commands (search, export) rebuild the split from config.json, from any folder.
+    monkeypatch.delenv("AECORE_FASHION_MNIST", raising=False)
+    found = data.find_fashion_mnist()
+    if found is None:
+        pytest.skip("Fashion-MNIST is not installed")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fm").symlink_to(found, target_is_directory=True)
+    run(out="qs", epochs=1, data_root="fm", progress=False)
+    config = json.loads((tmp_path / "qs" / "model" / "config.json").read_text())
+    assert config["data_root"] == str((tmp_path / "fm").resolve())
