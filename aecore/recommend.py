@@ -71,7 +71,9 @@ def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
                 name: str = "rows") -> torch.Tensor:
     """The model's reconstruction of raw interaction rows (U, I) -> scores (U, I) float32 on
     the CPU (a multinomial VAE: item probabilities). The rows go through the model's
-    normalization, if it has one, as in training. Eval mode, restored after."""
+    normalization, if it has one, as in training, and the reconstruction back: scores are in
+    the rows' units (per-item standardised scores would rank rarely used items first). Eval
+    mode, restored after."""
     batch_size = positive_int("batch_size", batch_size)
     if getattr(model, "num_classes", 0):
         raise ValueError(f"recommendations come from unconditional models; a "
@@ -90,7 +92,8 @@ def item_scores(model, rows: np.ndarray | torch.Tensor, batch_size: int = 1024,
                for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else x.new_empty(x.shape)
+    scores = torch.cat(out) if out else x.new_empty(x.shape)
+    return scores if norm is None else torch.from_numpy(norm.invert(scores.numpy()))
 
 
 def top_items(scores: torch.Tensor, seen: np.ndarray | torch.Tensor | None, k: int

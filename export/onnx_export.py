@@ -67,10 +67,13 @@ class _Part(nn.Module):
             self.mean = self.std = None
 
     def item_scores(self, x):
-        """The recommender's scores (B, I) of raw rows x (B, I): the reconstruction, -inf on
-        items already seen."""
-        inputs = x if self.mean is None else (x - self.mean) / self.std
-        return self.model(inputs).masked_fill(x > 0, float("-inf"))
+        """The recommender's scores (B, I) of raw rows x (B, I): the reconstruction in the
+        rows' units (as aecore.recommend.item_scores), -inf on items already seen."""
+        if self.mean is None:
+            scores = self.model(x)
+        else:
+            scores = self.model((x - self.mean) / self.std) * self.std + self.mean
+        return scores.masked_fill(x > 0, float("-inf"))
 
     def forward(self, x, y=None):
         m, extra = self.model, ((y,) if self.cond else ())

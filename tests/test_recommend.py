@@ -249,7 +249,9 @@ def test_recommenders_normalise_raw_rows_and_mask_what_the_user_saw(tmp_path):
     model.normalization = Normalization(mean=mean.tolist(), std=std.tolist())
     items, scores = recommend(model, rows, k=3)
     with torch.no_grad():
-        want = model(torch.from_numpy((rows - mean) / std).float())
+        # Scores in the rows' units: the reconstruction mapped back.
+        want = model(torch.from_numpy((rows - mean) / std).float()) * torch.from_numpy(
+            std).float() + torch.from_numpy(mean).float()
     torch.testing.assert_close(item_scores(model, rows), want)
     torch.testing.assert_close(item_scores(model, rows, batch_size=7), want)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
@@ -384,3 +386,24 @@ def test_cli_trains_a_recommender_and_recommends(tmp_path, capsys):
     assert main(["recommend", str(out), str(tmp_path / "bad.npy"), "--out",
                  str(tmp_path / "r2.npz")]) == 2
     assert "history must hold interaction rows of 1682 items" in capsys.readouterr().err
+
+
+def test_standardised_items_are_ranked_in_the_rows_units(tmp_path):
+    # A model that reconstructs every row as the average row (0 in standardised units) must
+    # recommend the most used items first, not whichever items rounding favours.
+    from aecore.autoencoder import AutoEncoder
+    from aecore.normalization import Normalization
+
+    model = AutoEncoder(6, hidden_dims=(4,), latent_dim=2).eval()
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    mean = [0.05, 0.6, 0.2, 0.9, 0.01, 0.4]
+    model.normalization = Normalization(mean=mean, std=[0.1, 0.5, 0.3, 0.2, 0.05, 0.4])
+    history = np.zeros((2, 6), np.float32)
+    history[1, 3] = 1.0  # the most used item, already seen by user 1
+    items, scores = recommend(model, history, k=3)
+    assert items.tolist() == [[3, 1, 5], [1, 5, 2]]
+    torch.testing.assert_close(scores, torch.tensor([[0.9, 0.6, 0.4], [0.6, 0.4, 0.2]]))
+    out = Model(to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=3)).run_all(history)
+    assert out["items"].tolist() == items.tolist()
+    np.testing.assert_allclose(out["scores"], scores.numpy(), rtol=1e-6)
