@@ -347,7 +347,8 @@ class Trainer:
             seen = 0
             # The per-batch bar only where it redraws in place (a terminal, a notebook): in a
             # log file it would be a line every tenth of a second. Epoch lines print anyway.
-            live = sys.stderr.isatty() or "notebook" in tqdm.__module__
+            live = ("notebook" in tqdm.__module__
+                    or bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty()))
             bar = tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
                        disable=not (self.progress and live) or self.rank != 0)
             for step, idx in enumerate(bar):
