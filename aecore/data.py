@@ -185,14 +185,17 @@ def load_swiss_roll(n: int = 4000, noise: float = 0.05, test_fraction: float = 0
 
 def find_movielens_100k(root: str | os.PathLike | None = None) -> Path | None:
     """The MovieLens 100k ratings file: ``root`` (the file, or a folder holding u.data or
-    ml-100k.inter), $AECORE_MOVIELENS, or the copy inside an installed recbole wheel
-    (``pip install --no-deps recbole``); None when absent."""
+    ml-100k.inter), else $AECORE_MOVIELENS (when set), else the copy inside an installed
+    recbole wheel (``pip install --no-deps recbole``); None when absent from the one looked
+    in."""
     import importlib.util
 
+    # As for Fashion-MNIST: a place the user named is the only one looked in.
+    root = root if root is not None else os.environ.get("AECORE_MOVIELENS") or None
     if root is not None:
         candidates = [Path(root)]
     else:
-        candidates = [Path(p) for p in [os.environ.get("AECORE_MOVIELENS")] if p]
+        candidates = []
         # find_spec locates the package without importing it (its dependencies are not needed).
         spec = importlib.util.find_spec("recbole")
         for loc in (spec.submodule_search_locations or []) if spec else []:
@@ -220,7 +223,8 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
     are split into fold-in and held-out items at evaluation, :mod:`aecore.recommend`)."""
     path = find_movielens_100k(root)
     if path is None:
-        where = repr(str(root)) if root is not None else "$AECORE_MOVIELENS or a recbole wheel"
+        named = root if root is not None else os.environ.get("AECORE_MOVIELENS") or None
+        where = repr(str(named)) if named is not None else "an installed recbole wheel"
         raise FileNotFoundError(
             f"MovieLens 100k not found in {where}. `pip install --no-deps recbole==1.2.1` "
             "installs a copy (ml-100k.inter; nothing else of recbole is needed), or pass the "

@@ -334,6 +334,20 @@ def test_movielens_loader_reads_grouplens_files_and_rejects_others(tmp_path):
         data.load_movielens_100k(tmp_path / "bad")
 
 
+def test_movielens_named_by_the_environment_is_the_only_place_looked_in(tmp_path,
+                                                                         monkeypatch):
+    # A folder the user named never quietly gives way to recbole's copy (as for Fashion-MNIST).
+    monkeypatch.setenv("AECORE_MOVIELENS", str(tmp_path / "missing"))
+    assert data.find_movielens_100k() is None
+    with pytest.raises(FileNotFoundError, match=f"MovieLens 100k not found in "
+                                                f"'{tmp_path / 'missing'}'"):
+        data.load_movielens_100k()
+    lines = [f"{u}\t{i}\t5\t0" for u in (1, 2) for i in range(1, 7)]
+    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("AECORE_MOVIELENS", str(tmp_path))
+    assert data.find_movielens_100k() == tmp_path / "u.data"
+
+
 @needs_movielens
 def test_movielens_100k_is_the_real_data_set():
     ds = data.load("movielens-100k")
