@@ -152,7 +152,7 @@ class PenalizedAutoEncoder(AutoEncoder):
         lam = number("lam", lam)
         super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
                          output_activation, latent_activation)
-        self.lam = float(lam)
+        self.lam = lam
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "lam": self.lam}

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from aecore.autoencoder import Encoder, PenalizedAutoEncoder
 from aecore.checks import check_generator, positive_int
-from aecore.kernels._backend import BACKENDS
+from aecore.kernels._backend import check_backend
 from aecore.kernels.contractive import contractive_penalty
 from aecore.layers import FusedLinear
 from aecore.registry import register
@@ -132,8 +132,8 @@ def contractive(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     check_generator(generator)
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None:
+        check_backend(backend)
     if method == "exact":
         return _exact(encoder, x, backend)
     if not callable(encoder):

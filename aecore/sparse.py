@@ -64,7 +64,7 @@ class SparseAutoEncoder(AutoEncoder):
         rho = number("rho", rho, 0.0, 1.0, lo_open=True)
         super().__init__(input_dim, hidden_dims, latent_dim, activation, tied,
                          output_activation, latent_activation)
-        self.sparsity, self.weight, self.rho = sparsity, float(weight), float(rho)
+        self.sparsity, self.weight, self.rho = sparsity, weight, rho
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "sparsity": self.sparsity, "weight": self.weight,

@@ -120,6 +120,12 @@ def check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
+def check_backend(backend: object, source: str = "backend") -> None:
+    """ValueError naming ``source`` unless ``backend`` is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op on ``tensors``.
 
@@ -130,8 +136,7 @@ def resolve(backend: str | None, *tensors: torch.Tensor) -> str:
     source = "backend"
     if backend is None:
         backend, source = env_backend(), "AECORE_BACKEND"
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, source)
     on_cuda = True
     for t in tensors:  # a loop, not all(<generator>): this runs on every op's eager call
         if not t.is_cuda:
