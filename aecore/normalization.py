@@ -12,11 +12,14 @@ class Normalization:
     """Affine map from raw data to model inputs.
 
     ``mean`` and ``std`` are scalars (images: mean 0, std 255 maps bytes to [0, 1]) or one
-    value per feature (tabular data).
+    value per feature (tabular data). ``constant`` lists the features that never varied in the
+    data the statistics were fit on (their std is 1, a stand-in): :meth:`invert` maps them back
+    to their mean, since a model trained on such data learnt nothing about them.
     """
 
     mean: float | list[float]
     std: float | list[float]
+    constant: list[int] = ()
 
     def __post_init__(self):
         arrays = {}
@@ -42,6 +45,15 @@ class Normalization:
                              f"one length, got shapes {mean.shape} and {std.shape}")
         for name in ("mean", "std"):  # plain floats and lists: to_dict goes to JSON as it is
             object.__setattr__(self, name, arrays[name].tolist())
+        n = max(mean.size, std.size)
+        cols = self.constant
+        if (isinstance(cols, (str, bytes)) or not hasattr(cols, "__iter__")
+                or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                           and 0 <= c < n for c in cols)
+                or (len(cols) and n == 1)):
+            raise ValueError(f"Normalization.constant must list feature indices in [0, {n}) of "
+                             f"per-feature statistics, got {cols!r}")
+        object.__setattr__(self, "constant", sorted({int(c) for c in cols}))
 
     def check_fits(self, shape, where: str) -> None:
         """ValueError naming ``where`` unless this fits samples of ``shape``: per-feature values
@@ -58,12 +70,23 @@ class Normalization:
                 / np.asarray(self.std, np.float32)).astype(np.float32)
 
     def invert(self, x: np.ndarray) -> np.ndarray:
-        """Model space -> raw data units (float32)."""
-        return (np.asarray(x, np.float32) * np.asarray(self.std, np.float32)
+        """Model space -> raw data units (float32); constant features come back as their
+        mean."""
+        return (np.asarray(x, np.float32) * self.invert_scale()
                 + np.asarray(self.mean, np.float32)).astype(np.float32)
 
+    def invert_scale(self) -> np.ndarray:
+        """The std that :meth:`invert` multiplies by: float32, 0 for constant features."""
+        scale = np.array(self.std, np.float32)
+        if self.constant:
+            shape = np.broadcast_shapes(np.shape(self.mean), scale.shape)
+            scale = np.broadcast_to(scale, shape).copy()
+            scale[self.constant] = 0.0
+        return scale
+
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
+        d = {"mean": self.mean, "std": self.std}
+        return {**d, "constant": self.constant} if self.constant else d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Normalization | None:
@@ -72,15 +95,17 @@ class Normalization:
         if not isinstance(d, dict) or not {"mean", "std"} <= set(d):
             raise ValueError(f"a saved normalization must be a mapping with 'mean' and 'std', "
                              f"got {d!r}")
-        return cls(mean=d["mean"], std=d["std"])
+        return cls(mean=d["mean"], std=d["std"], constant=d.get("constant", ()))
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Normalization:
-        """Per-feature standardisation of a (N, F) array; constant features keep std 1."""
+        """Per-feature standardisation of a (N, F) array; constant features keep std 1 and are
+        listed in ``constant``."""
         x = np.asarray(x, np.float64)
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f"Normalization.fit takes a (N, F) array of N >= 1 samples, got "
                              f"shape {x.shape}")
         std = x.std(axis=0)
-        std[std < 1e-12] = 1.0
-        return cls(mean=x.mean(axis=0).tolist(), std=std.tolist())
+        constant = np.flatnonzero(std < 1e-12)
+        std[constant] = 1.0
+        return cls(mean=x.mean(axis=0).tolist(), std=std.tolist(), constant=constant.tolist())

@@ -63,8 +63,9 @@ class _Part(nn.Module):
             # normalization runs in the graph, after the mask is taken.
             self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32))
             self.register_buffer("std", torch.tensor(norm.std, dtype=torch.float32))
+            self.register_buffer("out_std", torch.from_numpy(norm.invert_scale()))
         else:
-            self.mean = self.std = None
+            self.mean = self.std = self.out_std = None
 
     def item_scores(self, x):
         """The recommender's scores (B, I) of raw rows x (B, I): the reconstruction in the
@@ -72,7 +73,7 @@ class _Part(nn.Module):
         if self.mean is None:
             scores = self.model(x)
         else:
-            scores = self.model((x - self.mean) / self.std) * self.std + self.mean
+            scores = self.model((x - self.mean) / self.std) * self.out_std + self.mean
         return scores.masked_fill(x > 0, float("-inf"))
 
     def forward(self, x, y=None):

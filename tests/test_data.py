@@ -164,6 +164,27 @@ def test_normalization_round_trip():
         Normalization(mean=0.0, std=0.0)
 
 
+def test_constant_features_come_back_as_their_mean():
+    # A feature that never varied keeps std 1 in apply (any value may come later) and maps
+    # back to its training value: a model trained on it learnt nothing there.
+    x = np.array([[1.0, 5.0, 0.0], [3.0, 5.0, 0.0], [2.0, 5.0, 0.0]])
+    n = Normalization.fit(x)
+    assert n.constant == [1, 2] and n.std[1:] == [1.0, 1.0]
+    np.testing.assert_allclose(n.apply([[2.0, 7.0, -1.0]]), [[0.0, 2.0, -1.0]], atol=1e-6)
+    np.testing.assert_allclose(n.invert([[1.0, 0.7, -3.0]]), [[2.0 + np.std(x[:, 0]), 5.0, 0.0]],
+                               rtol=1e-6)
+    assert Normalization.from_dict(n.to_dict()) == n
+    assert "constant" not in Normalization(mean=0.0, std=2.0).to_dict()  # older files' form
+    np.testing.assert_allclose(Normalization(mean=[1.0, 2.0], std=3.0, constant=[0]).invert(
+        [[1.0, 1.0]]), [[1.0, 5.0]])
+    for bad in ([3], [-1], [True], "1", 1, [0.5]):
+        with pytest.raises(ValueError, match=r"Normalization.constant must list feature indices "
+                                             r"in \[0, 3\)"):
+            Normalization(mean=[0.0] * 3, std=1.0, constant=bad)
+    with pytest.raises(ValueError, match="Normalization.constant"):
+        Normalization(mean=0.0, std=1.0, constant=[0])  # scalar statistics have no features
+
+
 def test_user_npy_must_be_one_real_array(tmp_path):
     x = np.random.default_rng(0).normal(size=(50, 4))
     np.savez(tmp_path / "a.npz", a=x)

@@ -421,3 +421,28 @@ def test_standardised_items_are_ranked_in_the_rows_units(tmp_path):
     out = Model(to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=3)).run_all(history)
     assert out["items"].tolist() == items.tolist()
     np.testing.assert_allclose(out["scores"], scores.numpy(), rtol=1e-6)
+
+
+def test_items_nobody_used_in_training_are_not_recommended(tmp_path):
+    # Columns constant in training keep std 1, so a model's output there (an under-trained
+    # model's noise) used to map back to raw scores like real items'. They come back as their
+    # training value, 0: behind every item the model scores above it.
+    from aecore.autoencoder import AutoEncoder
+    from aecore.normalization import Normalization
+
+    torch.manual_seed(0)
+    rows = _random_rows(60, 8, seed=5)
+    rows[:, [2, 6]] = 0.0  # never used
+    model = AutoEncoder(8, hidden_dims=(6,), latent_dim=2).eval()
+    torch.nn.init.constant_(model.decoder.layers[-1].bias, 3.0)  # a loud output everywhere
+    model.normalization = Normalization.fit(rows)
+    assert model.normalization.constant == [0, 1, 2, 6]  # items 0 and 1: in every history
+    scores = item_scores(model, rows)
+    assert (scores[:, [0, 1]] == 1).all() and (scores[:, [2, 6]] == 0).all()
+    assert (scores[:, [3, 4, 5, 7]] > 0).all()
+    items, scores = recommend(model, np.zeros((1, 8), np.float32), k=6)
+    assert sorted(items[0].tolist()) == [0, 1, 3, 4, 5, 7]
+    out = Model(to_onnx(model, tmp_path / "rec.onnx", part="recommender", k=6)).run_all(
+        np.zeros((1, 8), np.float32))
+    assert sorted(out["items"][0].tolist()) == [0, 1, 3, 4, 5, 7]  # 0 and 1 tie, at 1.0
+    np.testing.assert_allclose(out["scores"], scores, rtol=1e-6)
