@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from aecore.kernels._backend import autocasting
 from aecore.normalization import Normalization
 
 
@@ -79,7 +80,10 @@ class AutoEncoderBase(nn.Module):
 
     def check_dtype(self, t: torch.Tensor, arg: str = "x") -> None:
         """TypeError naming ``arg`` unless t has the dtype of the model's parameters (what the
-        layers compute in; helpers such as :func:`aecore.search.embed` cast instead)."""
+        layers compute in; helpers such as :func:`aecore.search.embed` cast instead). Under
+        autocast any floating dtype passes: the layers cast to autocast's."""
+        if autocasting(t) is not None:
+            return
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), t.dtype)
         if t.dtype != dtype:
             raise TypeError(f"{arg} must have the model's dtype {dtype}, got {t.dtype}: cast "

@@ -49,6 +49,23 @@ def exporting() -> bool:
     return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
+# The dtypes autocast casts from (float64 it leaves alone).
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocasting(t: torch.Tensor) -> torch.dtype | None:
+    """autocast's lower-precision dtype where it is on for ``t``'s device type, else None."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """``tensors`` as autocast casts an op's inputs: float32/16 and bfloat16 ones to ``dtype``;
+    float64 ones, None and anything else as they are."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM
+                 else t for t in tensors)
+
+
 _forward_ad = torch.autograd.forward_ad
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -74,6 +91,10 @@ def transformed(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+# Tensors without a __torch_function__ of their own: a layer's weights are Parameters.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_cpu(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> bool:
     """True when an op on plain tensors a, b (and c, if given) runs its torch path in plain
     eager mode: all on the CPU, AECORE_BACKEND auto or unset, not compiling, tracing or
@@ -81,12 +102,12 @@ def eager_cpu(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -
     test as one expression: the separate checks (resolve, exporting, transformed) cost several
     microseconds each right after other work has evicted them from the caches."""
     # is_compiling first: under dynamo it is True and the rest, not all traceable, is skipped.
-    return (not torch.compiler.is_compiling() and type(a) is torch.Tensor
-            and type(b) is torch.Tensor and a.is_cpu and b.is_cpu
+    return (not torch.compiler.is_compiling() and type(a) in _PLAIN
+            and type(b) in _PLAIN and a.is_cpu and b.is_cpu
             and _forward_ad._current_level < 0 and not _is_functorch_wrapped(a)
             and not _is_functorch_wrapped(b) and not torch._C._is_tracing()
             and env_backend() == "auto"
-            and (c is None or (type(c) is torch.Tensor and c.is_cpu
+            and (c is None or (type(c) in _PLAIN and c.is_cpu
                                and not _is_functorch_wrapped(c))))
 
 

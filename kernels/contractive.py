@@ -78,6 +78,8 @@ from aecore.kernels._activations import (
     apply_act,
 )
 from aecore.kernels._backend import (
+    autocast_cast,
+    autocasting,
     check_like,
     check_slope,
     exporting,
@@ -831,8 +833,18 @@ def contractive_penalty(x: torch.Tensor, weights: Sequence[torch.Tensor],
     x (B, d); weights[l] (h_l, h_{l-1}) with h_0 = d, any strides; biases[l] (h_l,) or None;
     activations[l] a name in ``aecore.kernels.ACTIVATIONS`` (``negative_slope`` is
     leaky_relu's). Differentiable w.r.t. x, every weight and every bias; act' at kinks is
-    torch's. float32/16, bfloat16 compute in fp32; float64 runs on the torch backend.
+    torch's. float32/16, bfloat16 compute in fp32; float64 runs on the torch backend. Under
+    autocast it runs in float32, as torch's losses do.
     """
+    if (isinstance(x, torch.Tensor) and isinstance(weights, (list, tuple))
+            and isinstance(biases, (list, tuple)) and autocasting(x) is not None):
+        # Inputs cast as autocast casts a float32 op's, then autocast off: the torch path's
+        # matmuls would otherwise run in bf16 beside its float32 elementwise terms.
+        x, *weights = autocast_cast(torch.float32, x, *weights)
+        biases = autocast_cast(torch.float32, *biases)
+        with torch.autocast(x.device.type, enabled=False):
+            return contractive_penalty(x, weights, biases, activations,
+                                       negative_slope=negative_slope, backend=backend)
     _validate(x, weights, biases, activations, negative_slope)
     weights, biases, activations = list(weights), list(biases), list(activations)
     tensors = [x, *weights, *[b for b in biases if b is not None]]

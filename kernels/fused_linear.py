@@ -42,6 +42,8 @@ from aecore.kernels._activations import (
     apply_act,
 )
 from aecore.kernels._backend import (
+    autocast_cast,
+    autocasting,
     check_like,
     check_slope,
     eager_cpu,
@@ -546,12 +548,19 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype
                                   and bias.shape == weight.shape[:1]))
             and activation in ACTIVATIONS and math.isfinite(negative_slope)
-            and eager_cpu(x, weight, bias)):
+            and eager_cpu(x, weight, bias) and not torch.is_autocast_enabled("cpu")):
         # The usual call (valid fp32/fp64 CPU tensors in eager mode, no options), checked in
         # one expression: eager autograd over the reference (below) without the general
         # path's checks, which cost 20-35 us a call right after a GEMM (cold caches), a tenth
         # of a 64 x 784 -> 512 layer.
         return fused_linear_reference(x, weight, bias, activation, negative_slope)
+    if isinstance(x, torch.Tensor) and (dt := autocasting(x)) is not None:
+        # As F.linear under autocast: in autocast's dtype (the casts are differentiable, so
+        # float32 parameters get float32 gradients), whatever dtype the layer before gave.
+        x, weight, bias = autocast_cast(dt, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return fused_linear(x, weight, bias, activation, negative_slope=negative_slope,
+                                backend=backend, allow_tf32=allow_tf32)
     _validate(x, weight, bias, negative_slope, allow_tf32)
     activation_id(activation)
     tensors = (x, weight) if bias is None else (x, weight, bias)

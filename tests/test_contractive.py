@@ -810,3 +810,28 @@ def test_gram_order_never_goes_negative_where_the_jacobian_cancels(backend):
     scale = float((w1.abs().sum(0) ** 2).sum())
     assert float((gram.double() - want).abs().max()) <= 2 * 2.0 ** -23 * scale
     torch.testing.assert_close(direct.double(), exact[:1], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_computes_the_penalty_in_float32(backend):
+    # A loss term: under autocast it runs in float32, as torch's losses do, and gives what it
+    # gives without autocast (bf16 codes from an autocast encoder meet float32 weights; the
+    # torch path's matmuls are not autocast to bf16 beside its float32 terms).
+    x, ws, bs = _problem(17, [5, 3])
+    x, ws, bs = x.float(), [w.float() for w in ws], [b.float() for b in bs]
+    acts = ["tanh", "sigmoid"]
+    want, want_grads = _grads(lambda x_, w_, b_: contractive_penalty(
+        x_, w_, b_, acts, backend=backend), x, ws, bs)
+
+    def autocast(x_, w_, b_):  # the forward under autocast, the backward after it (as --amp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return contractive_penalty(x_, w_, b_, acts, backend=backend)
+
+    got, grads = _grads(autocast, x, ws, bs)
+    mixed = autocast(x.bfloat16(), ws, bs)
+    assert got.dtype == mixed.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(mixed, contractive_penalty(x.bfloat16().float(), ws, bs, acts,
+                                                          backend=backend))

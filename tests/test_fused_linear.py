@@ -510,3 +510,28 @@ def test_usual_call_matches_the_general_path(monkeypatch, dtype, bias):
     monkeypatch.setenv("AECORE_BACKEND", "torch")
     general = run()
     assert all(torch.equal(a, e) for a, e in zip(usual, general))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_layer_in_its_dtype(backend):
+    # Under autocast a layer computes in autocast's dtype, as F.linear does, whatever mix it is
+    # given (a convolution's bf16 features, float32 parameters): the oracle on the bf16-rounded
+    # operands; the float32 parameters get float32 gradients. float64 is left alone.
+    x, w, b = make((5, 17), 9)
+    xb = x.detach().bfloat16().requires_grad_()
+    grad = torch.randn(5, 9, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_linear(xb, w, b, "tanh", backend=backend)
+        y32 = fused_linear(x, w, b, "tanh", backend=backend)  # float32 features too
+    assert y.dtype == y32.dtype == torch.bfloat16
+    y.backward(grad)
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    ey, edx, edw, edb = oracle(xb.float(), w.bfloat16(), b.bfloat16(), "tanh", grad)
+    assert_close(y, ey, torch.bfloat16, k=17)
+    assert_close(xb.grad, edx, torch.bfloat16, k=9, scale=edx.abs().max().item())
+    assert_close(w.grad, edw, torch.bfloat16, k=5, scale=edw.abs().max().item())
+    assert_close(b.grad, edb, torch.bfloat16, k=5, scale=edb.abs().max().item())
+    if backend == "torch":
+        x64, w64, b64 = make((5, 17), 9, torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused_linear(x64, w64, b64, "tanh", backend=backend).dtype == torch.float64

@@ -537,3 +537,38 @@ def test_progress_bar_only_where_it_redraws(capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     Trainer(_model(), batch_size=8, epochs=1, val_fraction=0.0).fit(x)
     assert "it/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["ae", "tied-ae", "conv-ae", "cae", "vq-vae", "vae", "cvae",
+                                    "sparse-ae", "conv-vae", "conv-vq-vae"])
+def test_every_family_trains_under_bf16_autocast(family):
+    # --amp wraps the loss in bf16 autocast (on CUDA; CPU autocast takes the same code path).
+    # Convolutions then hand bf16 features to float32 fused layers, which crashed; fused layers
+    # now run in autocast's dtype, as nn.Linear does, and every gradient reaches the float32
+    # parameters in float32.
+    from aecore.families import build, train_targets
+    from aecore.vae import VAE
+    from aecore.vqvae import VQVAE
+
+    data = datasets.load_digits()
+    torch.manual_seed(0)
+    if family == "conv-vae":
+        model = VAE(input_shape=(1, 8, 8), channels=[4], latent_dim=3)
+    elif family == "conv-vq-vae":
+        model = VQVAE(input_shape=(1, 8, 8), channels=[4])
+    else:
+        model = build(family, data)
+    image = len(model.input_shape) == 3
+    x = torch.from_numpy(data.inputs("train", flat=not image)[:64])
+    y = train_targets(family, data, x.numpy(), model.latent_dim)
+    args = (x,) if y is None else (x, torch.as_tensor(y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.loss(*args)
+        z = model.encode(x) if family not in ("vae", "cvae", "conv-vae") else None
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    if z is not None:
+        assert z.dtype == torch.bfloat16  # the code layer ran in autocast's dtype
+    terms["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+                         for g in grads)
