@@ -38,6 +38,8 @@ class Encoder(_FusedMLP):
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
                  activation: str = "relu", latent_activation: str = "identity"):
+        activation_id(activation)
+        activation_id(latent_activation, "latent_activation")
         super().__init__(positive_ints("input_dim, hidden_dims and latent_dim",
                                [input_dim, *hidden_dims, latent_dim]),
                          activation, latent_activation)
@@ -48,6 +50,8 @@ class Decoder(_FusedMLP):
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], output_dim: int,
                  activation: str = "relu", output_activation: str = "identity"):
+        activation_id(activation)
+        activation_id(output_activation, "output_activation")
         super().__init__(positive_ints("latent_dim, hidden_dims and output_dim",
                                [latent_dim, *hidden_dims, output_dim]),
                          activation, output_activation)
@@ -61,7 +65,7 @@ class TiedDecoder(nn.Module):
         super().__init__()
         # Checked now, not at the first forward: a bad name must not reach config().
         activation_id(activation)
-        activation_id(output_activation)
+        activation_id(output_activation, "output_activation")
         # A plain list keeps the encoder out of this module's parameters: its weights are
         # owned (and saved) once, by the encoder.
         self._encoder = [encoder]

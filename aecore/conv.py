@@ -147,6 +147,7 @@ class ConvAutoEncoder(AutoEncoderBase):
         if output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, "
                              f"got {output_activation!r}")
+        latent_dim = positive_int("latent_dim", latent_dim)
         self.encoder = ConvEncoder(input_shape, channels, latent_dim, activation)
         self.decoder = ConvDecoder(input_shape, self.encoder.channels[::-1], latent_dim,
                                    upsample, activation)

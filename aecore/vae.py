@@ -3,7 +3,7 @@
 q(z | x) = N(mu(x), diag(exp(logvar(x)))), p(z) = N(0, I), and p(x | z) one of
 
 - ``"bernoulli"``: the decoder outputs logits; log p = -BCE-with-logits summed over features.
-- ``"gaussian"``: mean from the decoder, fixed standard deviation ``sigma``.
+- ``"gaussian"``: mean from the decoder, fixed standard deviation ``sigma`` (in [1e-4, 1e4]).
 - ``"gaussian-learned"``: mean from the decoder, a learned log-variance per feature
   (``variance="feature"``) or one for all features (``"scalar"``), clamped into
   [LOG_SIGMA2_MIN, LOG_SIGMA2_MAX] so that the likelihood cannot run away on constant pixels.
@@ -44,6 +44,7 @@ from aecore.registry import register
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "multinomial")
 VARIANCES = ("feature", "scalar")
 LOG_SIGMA2_MIN, LOG_SIGMA2_MAX = -9.0, 9.0
+SIGMA_MIN, SIGMA_MAX = 1e-4, 1e4  # a fixed sigma's range
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -72,7 +73,8 @@ class VAE(AutoEncoderBase):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
         self.likelihood, self.variance = likelihood, variance
-        self.sigma = number("sigma", sigma, lo_open=True)
+        # Bounded so that 1 / sigma^2 times a squared error stays finite in float32.
+        self.sigma = number("sigma", sigma, SIGMA_MIN, SIGMA_MAX, hi_open=False)
         self.beta = number("beta", beta)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         from aecore.conv import UPSAMPLE
@@ -231,7 +233,7 @@ class VAE(AutoEncoderBase):
             lp = target.flatten(1) * torch.log_softmax(raw.flatten(1), dim=1)
         elif self.likelihood == "gaussian":
             lp = -0.5 * ((target - raw).pow(2) / self.sigma ** 2
-                         + math.log(self.sigma ** 2) + _LOG_2PI)
+                         + 2 * math.log(self.sigma) + _LOG_2PI)
         else:
             ls2 = self.log_sigma2.clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
             lp = -0.5 * ((target - raw).pow(2) * torch.exp(-ls2) + ls2 + _LOG_2PI)

@@ -93,6 +93,10 @@ class VQVAE(AutoEncoderBase):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.ema, self.dead_after, self.seed = ema, dead_after, seed
+        from aecore.conv import UPSAMPLE
+
+        if upsample not in UPSAMPLE:  # for an MLP VQ-VAE too: config() saves it
+            raise ValueError(f"upsample must be one of {UPSAMPLE}, got {upsample!r}")
         self.activation, self.upsample = activation, upsample
         self.hidden_dims = positive_ints("hidden_dims", hidden_dims)
         if channels is not None:
@@ -113,10 +117,11 @@ class VQVAE(AutoEncoderBase):
                 if len(tuple(input_shape)) != 1:
                     raise ValueError(f"input_shape must be (input_dim,) for an MLP VQ-VAE (give "
                                      f"channels for images), got {tuple(input_shape)!r}")
-                if input_dim is not None and int(tuple(input_shape)[0]) != input_dim:
+                dim = positive_int("input_shape[0]", tuple(input_shape)[0])
+                if input_dim is not None and dim != input_dim:
                     raise ValueError(f"input_dim {input_dim} and input_shape "
                                      f"{tuple(input_shape)} disagree")
-                input_dim = int(tuple(input_shape)[0])
+                input_dim = dim
             if input_dim is None:
                 raise ValueError("input_dim is required for an MLP VQ-VAE (or input_shape and "
                                  "channels for a convolutional one)")
@@ -180,6 +185,9 @@ class VQVAE(AutoEncoderBase):
 
     def _assign(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat z_e (B * num_latents, code_dim), indices (B * num_latents,))."""
+        if not isinstance(z_e, torch.Tensor) or not z_e.is_floating_point():
+            raise TypeError(f"z_e must be a floating point torch.Tensor, got "
+                            f"{getattr(z_e, 'dtype', type(z_e).__name__)}")
         if z_e.dim() != 2 or z_e.shape[1] != self.latent_dim:
             raise ValueError(f"z_e must have shape (batch, {self.latent_dim}) (num_latents * "
                              f"code_dim), got {tuple(z_e.shape)}")

@@ -161,27 +161,32 @@ int main(int argc, char** argv) {
 
     auto outputs = session.Run(Ort::RunOptions{nullptr}, in_c.data(), inputs.data(),
                                inputs.size(), out_c.data(), out_c.size());
+    // Every output is written before any replaces a file: a scorer's score and is_anomaly
+    // come from one run, never one from an earlier run.
+    npy::Outputs files;
+    std::vector<std::string> paths;
     for (size_t i = 0; i < outputs.size(); ++i) {
       auto info = outputs[i].GetTensorTypeAndShapeInfo();
       auto shape = info.GetShape();
       size_t count = info.GetElementCount();
-      std::string path = std::string(argv[3]) + "." + out_names[i] + ".npy";
+      paths.push_back(std::string(argv[3]) + "." + out_names[i] + ".npy");
       switch (info.GetElementType()) {
         case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-          npy::save(path, "<f4", shape, outputs[i].GetTensorData<float>(), count * 4);
+          files.add(paths.back(), "<f4", shape, outputs[i].GetTensorData<float>(), count * 4);
           break;
         case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-          npy::save(path, "<i8", shape, outputs[i].GetTensorData<int64_t>(), count * 8);
+          files.add(paths.back(), "<i8", shape, outputs[i].GetTensorData<int64_t>(), count * 8);
           break;
         case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
-          npy::save(path, "|b1", shape, outputs[i].GetTensorData<bool>(), count);
+          files.add(paths.back(), "|b1", shape, outputs[i].GetTensorData<bool>(), count);
           break;
         default:
           std::cerr << "error: output " << out_names[i] << " has an unsupported type\n";
           return 1;
       }
-      std::cout << "wrote " << path << "\n";
     }
+    files.commit();
+    for (const auto& path : paths) std::cout << "wrote " << path << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

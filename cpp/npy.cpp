@@ -41,6 +41,9 @@ static Header read_header(const std::string& path, std::ifstream& f) {
   auto descr_end = header.find('\'', descr + 10);
   if (descr == std::string::npos || descr_end == std::string::npos) throw error(path, "no dtype");
   h.descr = header.substr(descr + 10, descr_end - descr - 10);
+  if (!h.descr.empty() && h.descr[0] == '>')
+    throw error(path, "big-endian data ('" + h.descr +
+                          "'); save it little-endian: x.astype(x.dtype.newbyteorder('<'))");
   if (header.find("'fortran_order': False") == std::string::npos)
     throw error(path, "expected C-order data");
   auto open = header.find("'shape': (");
@@ -108,8 +111,8 @@ IntArray load_int64(const std::string& path) {
   return a;
 }
 
-void save(const std::string& path, const std::string& dtype, const std::vector<int64_t>& shape,
-          const void* bytes, size_t nbytes) {
+void Outputs::add(const std::string& path, const std::string& dtype,
+                  const std::vector<int64_t>& shape, const void* bytes, size_t nbytes) {
   std::string dims;
   for (auto d : shape) dims += std::to_string(d) + ",";
   if (shape.size() > 1) dims.pop_back();
@@ -117,19 +120,30 @@ void save(const std::string& path, const std::string& dtype, const std::vector<i
   size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
-  // Write beside the target, then rename: readers never see a partial file.
   std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw error(tmp, "cannot write");
-    f.write("\x93NUMPY\x01\x00", 8);
-    uint16_t len = static_cast<uint16_t>(header.size());
-    f.write(reinterpret_cast<const char*>(&len), 2);
-    f.write(header.data(), static_cast<std::streamsize>(header.size()));
-    f.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(nbytes));
-    if (!f) throw error(tmp, "write failed");
+  paths_.push_back(path);  // removed again by the destructor unless committed
+  std::ofstream f(tmp, std::ios::binary);
+  if (!f) throw error(tmp, "cannot write");
+  f.write("\x93NUMPY\x01\x00", 8);
+  uint16_t len = static_cast<uint16_t>(header.size());
+  f.write(reinterpret_cast<const char*>(&len), 2);
+  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  f.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(nbytes));
+  // A small file is still in the stream's buffer: only closing it shows a full disk.
+  f.close();
+  if (f.fail()) throw error(tmp, "write failed");
+}
+
+void Outputs::commit() {
+  for (const auto& path : paths_) {
+    if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0)
+      throw error(path, "rename failed");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw error(path, "rename failed");
+  paths_.clear();
+}
+
+Outputs::~Outputs() {
+  for (const auto& path : paths_) std::remove((path + ".tmp").c_str());
 }
 
 }  // namespace npy

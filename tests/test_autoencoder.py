@@ -264,6 +264,14 @@ def test_a_bare_int_for_hidden_dims_names_the_argument(make):
         make()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("arg", ["activation", "output_activation", "latent_activation"])
+def test_a_bad_activation_is_named(arg, tied):
+    # The error named "activation" for a bad output or latent activation too.
+    with pytest.raises(ValueError, match=rf"^{arg} must be one of .*, got 'sigmoidd'$"):
+        AutoEncoder(4, (3,), 2, tied=tied, **{arg: "sigmoidd"})
+
+
 @pytest.mark.parametrize("tied", ["no", 1, None])
 def test_tied_must_be_a_bool(tied):
     with pytest.raises(TypeError, match="tied must be a bool"):

@@ -144,6 +144,8 @@ def test_bad_arguments_raise():
         ConvAutoEncoder((1, 8, 8), activation="swish")
     with pytest.raises(ValueError, match="out_dim must be a positive integer, got 0"):
         ConvEncoder((1, 8, 8), out_dim=0)
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer, got 0"):
+        ConvAutoEncoder((1, 8, 8), latent_dim=0)
     with pytest.raises(ValueError, match="in_dim must be a positive integer"):
         ConvDecoder((1, 8, 8), in_dim=2.5)
 

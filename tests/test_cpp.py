@@ -77,6 +77,38 @@ def test_cpp_rejects_bad_input(binary, tmp_path):
     assert proc.returncode == 1 and "expected float32" in proc.stderr
 
 
+def test_cpp_writes_its_outputs_as_one_set(binary, tmp_path):
+    # A write that fails (here a file-size limit; a full disk alike) used to go unnoticed for
+    # a small file still in the stream's buffer: a truncated file renamed into place, exit 0.
+    # Now nothing is replaced unless every output was written, and no .tmp file stays.
+    import resource
+    import signal
+
+    model = AutoEncoder(64, [32], 8)
+    model.threshold = 0.1
+    scorer = to_onnx(model, tmp_path / "scorer.onnx", part="scorer")
+    x = np.random.default_rng(0).random((500, 64), dtype=np.float32)
+    np.save(tmp_path / "small.npy", x[:3])
+    np.save(tmp_path / "big.npy", x)
+    assert _run(binary, scorer, tmp_path / "small.npy", tmp_path / "out").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out.*")}
+    assert sorted(before) == ["out.is_anomaly.npy", "out.score.npy"]
+
+    def limit():  # 1 KiB files at most: score (2 KB) fails, is_anomaly (628 B) would fit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    proc = subprocess.run([str(binary), str(scorer), str(tmp_path / "big.npy"),
+                           str(tmp_path / "out")], capture_output=True, text=True,
+                          preexec_fn=limit)
+    assert proc.returncode == 1 and "out.score.npy.tmp: write failed" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out.*")} == before
+
+    np.save(tmp_path / "be.npy", x[:3].astype(">f4"))
+    proc = _run(binary, scorer, tmp_path / "be.npy", tmp_path / "be")
+    assert proc.returncode == 1 and "big-endian data ('>f4'); save it little-endian" in proc.stderr
+
+
 def test_cpp_conditional_labels(binary, tmp_path):
     torch.manual_seed(0)
     path = to_onnx(ConditionalVAE(10, 64, [32], 8).eval(), tmp_path / "cvae.onnx")

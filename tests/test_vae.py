@@ -448,7 +448,10 @@ def test_onnx_export_of_the_deterministic_autoencoder(trained, digits, tmp_path)
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"likelihood": "poisson"}, ValueError, "likelihood must be one of"),
     ({"variance": "diag"}, ValueError, "variance must be one of"),
-    ({"sigma": 0.0}, ValueError, "sigma must be a positive finite number"),
+    ({"sigma": 0.0}, ValueError, r"sigma must be a number in \[0.0001, 10000\], got 0.0"),
+    # log(sigma^2) underflowed to log(0) and 1 / sigma^2 overflowed: no finite loss there.
+    ({"sigma": 1e-20}, ValueError, r"sigma must be a number in \[0.0001, 10000\], got 1e-20"),
+    ({"sigma": 1e200}, ValueError, r"sigma must be a number in \[0.0001, 10000\], got 1e\+200"),
     ({"beta": -1.0}, ValueError, "beta must be a finite number >= 0, got -1.0"),
     # A bool or a tensor is no weight: False would quietly train a plain autoencoder.
     ({"beta": False}, ValueError, "beta must be a finite number >= 0, got False"),

@@ -307,6 +307,12 @@ def test_conv_encoder(tmp_path):
         ({"dead_after": -1}, ValueError, "dead_after must be a non-negative integer"),
         ({"ema": 1}, TypeError, "ema must be a bool, got int"),
         ({"input_dim": None}, ValueError, "input_dim is required"),
+        # int() truncated these to 6: a model of another size than asked for.
+        ({"input_dim": None, "input_shape": (6.7,)}, ValueError,
+         r"input_shape\[0\] must be a positive integer, got 6.7"),
+        ({"input_dim": 64, "input_shape": (64.5,)}, ValueError,
+         r"input_shape\[0\] must be a positive integer, got 64.5"),
+        ({"upsample": "nearest"}, ValueError, "upsample must be one of"),  # config() saves it
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, match):
@@ -328,6 +334,8 @@ def test_bad_call_arguments(digits):
                            "z must have the model's dtype torch.float32")):
         with pytest.raises(err, match=match):
             model.decode(z)
+    with pytest.raises(TypeError, match="z_e must be a floating point torch.Tensor, got list"):
+        model.quantize([1.0, 2.0])
     with pytest.raises(ValueError, match=r"z_e must have shape \(batch, 32\)"):
         model.quantize(torch.zeros(2, 31))
     with pytest.raises(TypeError, match="indices must be an integer tensor, got torch.float32"):
