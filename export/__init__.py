@@ -12,7 +12,7 @@ _EXPORTS = {
     "to_onnx": "aecore.export.onnx_export",
     "VerificationError": "aecore.export.onnx_export",
     "PARTS": "aecore.export.onnx_export",
-    "quantize": "aecore.export.quantize",
+    "quantize": "aecore.export.quantization",
     "Model": "aecore.export.runtime",
 }
 

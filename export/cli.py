@@ -109,7 +109,7 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
         to_onnx(model, out, part=part, threshold=threshold, k=k)
         print(f"wrote {out}")
         return None
-    from aecore.export.quantize import quantize as quantize_fn
+    from aecore.export.quantization import quantize as quantize_fn
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"

@@ -194,6 +194,23 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
     onnx.helper.set_model_props(proto, merged)
 
 
+def compare(got: np.ndarray, want: np.ndarray, rtol: float, atol: float
+            ) -> tuple[float, str | None]:
+    """(max abs error over the finite entries, what is wrong or None) for same-shape float
+    outputs; atol is relative to max(1, max |want|). Non-finite entries (a recommender's -inf
+    for a user with fewer than k unseen items) must match exactly: they would make the error
+    NaN and the tolerance infinite."""
+    fin = np.isfinite(want)
+    g, w = got[fin].astype(np.float64), want[fin].astype(np.float64)
+    err = float(np.max(np.abs(g - w))) if g.size else 0.0
+    if not np.array_equal(np.where(fin, 0, got), np.where(fin, 0, want), equal_nan=True):
+        return err, "non-finite values where torch has others (or other ones)"
+    scale = max(1.0, float(np.abs(w).max())) if w.size else 1.0
+    if not np.allclose(g, w, rtol=rtol, atol=atol * scale):
+        return err, f"max abs error {err:.3g}"
+    return err, None
+
+
 def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names: list[str],
            rtol: float = 1e-4, atol: float = 1e-5) -> dict[str, float]:
     """Compare ONNX Runtime and onnx.reference with torch on each feed; raise on mismatch.
@@ -243,10 +260,10 @@ def verify(proto: onnx.ModelProto, wrapper: nn.Module, feeds: list[tuple], names
                 if g.shape != w.shape:
                     bad.append(f"{key} shape {g.shape} != torch's {w.shape}")
                     continue
-                err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+                err, problem = compare(g, w, rtol, atol)
                 worst[key] = max(worst.get(key, 0.0), err)
-                if not np.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max()))):
-                    bad.append(f"{key} at batch {len(feed[0])}: max abs error {err:.3g}")
+                if problem:
+                    bad.append(f"{key} at batch {len(feed[0])}: {problem}")
     if bad:
         raise VerificationError("ONNX outputs disagree with torch: " + "; ".join(bad)
                                 + f" (max abs error per output: {worst})")

@@ -348,3 +348,19 @@ def test_cli_code_decoder_decompresses_the_encoders_indices(tmp_path, capsys):
         got = Model(q).run(indices)
         assert np.isfinite(got).all() and got.shape == Model(tmp_path / "code_decoder.onnx").run(
             indices).shape
+
+
+def test_verification_compares_finite_scores_beside_minus_inf():
+    # A recommender's scores hold -inf where a user has fewer than k unseen items; the
+    # tolerance, scaled by max |want|, became infinite there and any finite score passed.
+    from aecore.export.onnx_export import compare
+
+    want = np.array([[0.5, -np.inf], [0.25, 0.125]], np.float32)
+    assert compare(want.copy(), want, 1e-4, 1e-5) == (0.0, None)
+    wrong = want.copy()
+    wrong[0, 0] = 99.0
+    err, problem = compare(wrong, want, 1e-4, 1e-5)
+    assert err == 98.5 and problem == "max abs error 98.5"
+    moved = want.copy()
+    moved[0, 1], moved[1, 1] = 0.125, -np.inf
+    assert compare(moved, want, 1e-4, 1e-5)[1].startswith("non-finite values where torch")

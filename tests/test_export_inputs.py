@@ -439,7 +439,7 @@ def test_unwritable_out_is_named_before_the_work(saved, tmp_path, capsys, monkey
 
 
 def test_topk_overlap_counts_shared_items_of_finite_slots():
-    from aecore.export.quantize import topk_overlap
+    from aecore.export.quantization import topk_overlap
 
     want = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
     scores = np.array([[3.0, 2.0, 1.0], [1.0, -np.inf, -np.inf], [-np.inf] * 3])
@@ -450,7 +450,7 @@ def test_topk_overlap_counts_shared_items_of_finite_slots():
 
 
 def test_quantize_reports_what_a_scorer_and_a_recommender_act_on(tmp_path):
-    from aecore.export.quantize import topk_overlap
+    from aecore.export.quantization import topk_overlap
 
     model = _small().eval()
     x = load_digits().x_test[:200].reshape(-1, 64)
@@ -472,7 +472,7 @@ def test_quantize_reports_what_a_scorer_and_a_recommender_act_on(tmp_path):
 def test_cli_quantize_reports_on_the_held_out_split(saved, tmp_path, monkeypatch, capsys):
     import importlib
 
-    q = importlib.import_module("aecore.export.quantize")  # the module, not the function
+    q = importlib.import_module("aecore.export.quantization")
     seen = {}
     real = q.quantize
 
@@ -513,3 +513,17 @@ def test_cli_static_quantization_after_the_training_file_is_gone(tmp_path, capsy
     np.save(calib, np.random.default_rng(1).random((16, 64), dtype=np.float32))
     assert main([*args, "--calibration", str(calib)]) == 0
     assert Model(tmp_path / "q.onnx").metadata["quantization"] == "static"
+
+
+def test_quantize_stays_the_function_after_its_module_is_imported():
+    # The module had the function's name: once imported (as export's CLI does), the package
+    # attribute became the module and aecore.export.quantize(...) raised "not callable".
+    import importlib
+
+    import aecore.export as export
+
+    importlib.import_module("aecore.export.quantization")
+    assert callable(export.quantize) and export.quantize.__name__ == "quantize"
+    from aecore.export import quantize
+
+    assert quantize is export.quantize
