@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from aecore.io import save_state, write_json
+from aecore.io import _umask, save_state, write_json
 
 LATEST = "latest.json"
 
@@ -94,6 +94,8 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model: torch.nn.Mo
     name = f"epoch-{epoch:05d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
+        # mkdtemp's folder is private (0700); a checkpoint is as readable as the run's files.
+        os.chmod(tmp, 0o777 & ~_umask())
         save_state(tmp / "model.safetensors", model.state_dict())
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_state(tmp / "optimizer.safetensors", opt_tensors)
@@ -206,11 +208,26 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module,
         missing = [k for k in _RNG_KEYS if k not in rng]
         if missing:
             raise KeyError(f"rng.safetensors lacks {missing}")
+        _check_rng(rng)
         model.load_state_dict(weights)
         optimizer.load_state_dict(opt_state)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise damaged(e) from None
     return state, rng
+
+
+def _check_rng(rng: dict[str, torch.Tensor]) -> None:
+    """ValueError unless ``rng`` holds generator states: uint8 vectors, the CPU generators'
+    (shuffle, torch) of a CPU generator's size (checked before anything is restored, where
+    set_state would fail with the model already loaded)."""
+    size = torch.get_rng_state().numel()
+    for key, t in rng.items():
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"rng.safetensors: {key} is not a generator state (a uint8 "
+                             f"vector), got {t.dtype} of shape {tuple(t.shape)}")
+        if key in ("shuffle", "torch") and t.numel() != size:
+            raise ValueError(f"rng.safetensors: {key} holds {t.numel()} bytes, a CPU "
+                             f"generator's state {size}")
 
 
 def load_best(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:

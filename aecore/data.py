@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,7 +268,8 @@ def load_movielens_100k(root: str | os.PathLike | None = None, min_rating: float
 
 def _read_csv(path: Path) -> np.ndarray:
     """A numeric comma-separated table (N, F) as float64; a first row of names alone (no cell
-    a number) is a header and is skipped, and any other text is an error."""
+    a number), or of pandas' names for unnamed columns (exactly 0, 1, ..., F - 1 with F > 2;
+    a warning says so), is a header and is skipped; any other text is an error."""
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
 
@@ -279,7 +281,15 @@ def _read_csv(path: Path) -> np.ndarray:
         return True
 
     # A row with some numbers is data, even with a stray word in it: never dropped unseen.
-    header = int(not any(number(c) for c in first.split(",")))
+    cells = [c.strip() for c in first.split(",")]
+    header = int(not any(number(c) for c in cells))
+    if cells == [str(i) for i in range(len(cells))] and len(cells) > 2:
+        # pandas' to_csv names unnamed columns 0, 1, ..., F - 1: as data, that row would be a
+        # made-up sample (and with a label column, made-up classes).
+        warnings.warn(f"{str(path)!r}: the first row, 0, 1, ..., {len(cells) - 1}, is read "
+                      "as column names (pandas' for unnamed columns), not as data",
+                      stacklevel=3)
+        header = 1
     try:
         return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=header,
                           encoding="utf-8")
@@ -293,8 +303,9 @@ def load_array(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 
     """The user's own data: a .npy array (N, ...) or a numeric .csv (N, F; a header row is
     skipped), optionally with a label column of class ids. Tabular data gets per-feature
     standardisation fitted on the train split; (N, H, W) / (N, C, H, W) arrays are treated as
-    images and scaled to [0, 1] by the train split's range (by its max alone when it has no
-    negative values). ``label_name``: what errors call ``label_column`` (a CLI flag)."""
+    images and scaled to [0, 1] by the whole array's range (by its max alone when it has no
+    negative values), so that no test image leaves it. ``label_name``: what errors call
+    ``label_column`` (a CLI flag)."""
     from aecore.io import load_npy
 
     path = Path(path)

@@ -199,26 +199,33 @@ def check_output(out: str | os.PathLike, suffix: str | None, sources: tuple = ()
     if above is not None and not above.is_dir():
         raise NotADirectoryError(f"can't write {name} {str(out)!r}: {str(above)!r} is a file, "
                                  "not a directory")
-    if above is not None:
-        try:
-            with tempfile.TemporaryFile(dir=above):  # unnamed where the OS allows, else unlinked
-                pass
-        except OSError as e:
-            raise type(e)(f"can't write {name} {str(out)!r}: {_cannot_create(above, e)}"
-                          ) from None
+    _probe(above, name, out)
     return out
+
+
+def _probe(folder: Path | None, name: str, out: Path) -> None:
+    """OSError naming ``name`` unless ``folder`` (if any) takes new files."""
+    if folder is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # unnamed where the OS allows, else unlinked
+            pass
+    except OSError as e:
+        raise type(e)(f"can't write {name} {str(out)!r}: {_cannot_create(folder, e)}") from None
 
 
 def check_output_dir(out: str | os.PathLike, name: str = "--out",
                      files: tuple[str, ...] = ()) -> Path:
     """``out`` as a Path, after checking that it can be a folder: neither it nor any folder
-    above it is an existing file, and none of the ``files`` to be written in it is an existing
-    folder (either would fail only when that file is written, after the work)."""
+    above it is an existing file, the nearest that exists takes new files, and none of the
+    ``files`` to be written in it is an existing folder (each would fail only when a file is
+    written, after the work)."""
     out = Path(out)
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise ValueError(f"{name} must be a folder path; {str(p)!r} is an existing file")
+            _probe(p, name, out)
             break
     for f in files:
         if (out / f).is_dir():

@@ -237,6 +237,15 @@ class Trainer:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= self.world
 
+    def _check_resumable(self, folder: Path, state: dict, run: dict) -> None:
+        """ValueError unless the checkpoint's run is this one's and ends at or before its
+        epochs (resuming past them would hand back the longer run's model untouched)."""
+        _check_same_run(folder, state.get("run"), run)
+        if isinstance(state.get("epoch"), int) and state["epoch"] > self.epochs:
+            raise ValueError(f"checkpoint {folder} is at epoch {state['epoch']}, past "
+                             f"epochs={self.epochs}: nothing to train; raise epochs to train "
+                             "on from it, or train afresh without resume")
+
     def _step(self, xb, yb, noise: torch.Generator) -> dict[str, torch.Tensor]:
         inp = self.corruption(xb, noise) if self.corruption is not None else xb
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -308,7 +317,7 @@ class Trainer:
             if folder is not None:
                 state, rng = load_checkpoint(
                     folder, self.model, self.optimizer,
-                    lambda s: _check_same_run(folder, s.get("run"), run))
+                    lambda s: self._check_resumable(folder, s, run))
                 last_good = folder
                 # The optimizer state brought the old run's hyperparameters: this Trainer's win.
                 for group in self.optimizer.param_groups:

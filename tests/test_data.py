@@ -112,6 +112,15 @@ def test_user_arrays(tmp_path):
                header="a,b,c,d,label", comments="")
     h = data.load_array(tmp_path / "h.csv", label_column=4)
     np.testing.assert_array_equal(h.x_train, c.x_train)
+    # pandas names unnamed columns 0..F-1: that row is no sample (with a label column it made
+    # up classes 2..4). It is skipped, and a warning says so.
+    np.savetxt(tmp_path / "p.csv", np.c_[table, rng.integers(0, 3, 50)], delimiter=",",
+               header="0,1,2,3,4", comments="")
+    with pytest.warns(UserWarning, match=r"p.csv': the first row, 0, 1, \.\.\., 4, is read as "
+                                         r"column names"):
+        p = data.load_array(tmp_path / "p.csv", label_column=4)
+    np.testing.assert_array_equal(p.x_train, c.x_train)
+    assert p.num_classes == c.num_classes
     # Text anywhere else is an error that names the file and the value.
     (tmp_path / "bad.csv").write_text("1,2\n3,x\n5,6\n")
     with pytest.raises(ValueError, match=r"bad.csv' must be a numeric CSV table .*'x'"):

@@ -357,14 +357,48 @@ def test_resume_rejects_another_family_or_config(digits, tmp_path):
      r"model.safetensors: Error while deserializing header"),
     (lambda c, e: (e / "optimizer.safetensors").write_bytes(b""), r"optimizer.safetensors"),
     (lambda c, e: (e / "rng.safetensors").unlink(), r"rng.safetensors"),
+    # Found before anything is restored: set_state raised a bare RuntimeError after the
+    # model and optimizer were already loaded.
+    (lambda c, e: _damage_rng(e / "rng.safetensors"),
+     r"rng.safetensors: shuffle holds 3 bytes, a CPU generator's state 5056"),
 ], ids=["pointer-key", "pointer-json", "pointer-type", "state-keys", "state-type", "weights",
-        "optimizer", "rng"])
+        "optimizer", "rng", "rng-state"])
 def test_resume_from_a_damaged_checkpoint_names_it(digits, tmp_path, damage, match):
     Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
     damage(tmp_path, tmp_path / "epoch-00001")
     with pytest.raises(ValueError, match=match):
         Trainer(_model(), epochs=2, progress=False, checkpoint_dir=tmp_path).fit(
             digits[:200], resume=True)
+
+
+def _damage_rng(path):
+    from safetensors.torch import load_file, save_file
+
+    states = load_file(path)
+    states["shuffle"] = torch.zeros(3, dtype=torch.uint8)
+    save_file(states, path)
+
+
+def test_resume_past_the_epochs_asked_for_is_refused(digits, tmp_path):
+    # The loop was skipped and the longer run's model handed back as if retrained.
+    Trainer(_model(), epochs=3, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    with pytest.raises(ValueError, match=r"epoch-00003 is at epoch 3, past epochs=2: nothing "
+                                         r"to train; raise epochs"):
+        Trainer(_model(), epochs=2, progress=False, checkpoint_dir=tmp_path).fit(
+            digits[:200], resume=True)
+    # At the checkpoint's own epoch (a run that ended before its model was saved) it finishes.
+    assert len(Trainer(_model(), epochs=3, progress=False, checkpoint_dir=tmp_path).fit(
+        digits[:200], resume=True)) == 3
+
+
+def test_checkpoints_are_as_readable_as_the_runs_files(digits, tmp_path):
+    old = os.umask(0o022)
+    try:
+        Trainer(_model(), epochs=1, progress=False, checkpoint_dir=tmp_path).fit(digits[:200])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "epoch-00001").stat().st_mode & 0o777 == 0o755  # mkdtemp's was 0700
+    assert (tmp_path / "latest.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_resume_uses_the_new_lr_and_weight_decay(digits, tmp_path):
@@ -525,6 +559,21 @@ def test_cli_train_writes_weights_config_history(tmp_path):
     assert config["kwargs"]["tied"] is True and config["normalization"] == {"mean": 0.0,
                                                                            "std": 16.0}
     assert main(["train", "--model", "nope", "--data", "digits", "--out", str(out)]) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no file goes")
+@pytest.mark.parametrize("command", [["train", "--data", "digits", "--epochs", "1"],
+                                     ["quickstart", "--epochs", "1"]])
+def test_an_out_folder_that_takes_no_files_is_refused_before_training(command, capsys):
+    # Found after the training (and for quickstart the PCA and the search too), in an error
+    # that did not name --out.
+    from aecore.cli import main
+
+    assert main([*command, "--out", "/proc/aecore-run", "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "can't write --out '/proc/aecore-run" in out.err
+    assert "no file can be created in the folder '/proc'" in out.err
+    assert "epoch" not in out.out + out.err and "MSE" not in out.out
 
 
 def test_progress_bar_only_where_it_redraws(capsys, monkeypatch):
