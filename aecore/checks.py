@@ -6,6 +6,16 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
+
+
+def native_order(a):
+    """A numpy array in this machine's byte order (a big-endian one converted: torch takes no
+    other); anything else as it is."""
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
 
 def positive_int(name: str, value: object) -> int:
     """``value`` as an int; ValueError naming ``name`` unless it is an integer >= 1 (a bool

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aecore.checks import native_order
 from aecore.normalization import Normalization
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ def _cannot_create(folder: Path, error: OSError) -> str:
 
 
 def load_npy(path: str | os.PathLike, name: str) -> np.ndarray:
-    """The real-valued array in the .npy file ``path`` (never unpickled); errors name ``name``."""
+    """The real-valued array in the .npy file ``path`` (never unpickled), in native byte
+    order; errors name ``name``."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{name} must be a .npy file, got the directory {str(p)!r}")
@@ -124,7 +126,7 @@ def load_npy(path: str | os.PathLike, name: str) -> np.ndarray:
                          "archive")
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold a real numeric array, got dtype {a.dtype}")
-    return a
+    return native_order(a)  # a big-endian file (astype('>f4'), another machine's) too
 
 
 def model_inputs(model, raw: np.ndarray, name: str) -> np.ndarray:

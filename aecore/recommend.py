@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from aecore.checks import positive_int
+from aecore.checks import native_order, positive_int
 
 
 def _rows(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """x as a finite, non-negative (U, I) float32 tensor; errors name ``name``."""
-    x = torch.as_tensor(x)
+    x = torch.as_tensor(native_order(x))
     if x.dim() != 2 or x.is_complex():
         raise ValueError(f"{name} must be a 2-D (users, items) array of interactions, got "
                          f"shape {tuple(x.shape)} and dtype {x.dtype}")

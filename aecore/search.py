@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aecore.checks import positive_int
+from aecore.checks import native_order, positive_int
 
 METRICS = ("cosine", "l2")
 # float32 scores per chunk of queries (16 MiB). Each chunk reads the whole gallery once, so
@@ -56,7 +56,7 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
     if getattr(model, "num_classes", 0):
         raise ValueError(f"embed takes unconditional models; a {model.family!r} encodes with "
                          "labels: use model.encode(x, labels)")
-    x = torch.as_tensor(x)
+    x = torch.as_tensor(native_order(x))
     model.check_input(x, "x")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf")  # as fit says; its codes would be NaN
@@ -75,7 +75,7 @@ def embed(model, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> torch.
 def _matrix(codes, name: str) -> torch.Tensor:
     """codes as a finite floating (N, D) float32 tensor; errors name ``name``."""
     if isinstance(codes, np.ndarray):
-        codes = torch.from_numpy(codes)
+        codes = torch.from_numpy(native_order(codes))
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got "
                         f"{type(codes).__name__}")

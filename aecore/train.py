@@ -29,7 +29,7 @@ from aecore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from aecore.checks import number, positive_int
+from aecore.checks import native_order, number, positive_int
 from aecore.io import check_output_dir
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -48,7 +48,7 @@ def _as_tensor(a, name: str, dtype=None) -> torch.Tensor | None:
     if a is None:
         return None
     if isinstance(a, np.ndarray):
-        a = torch.from_numpy(np.ascontiguousarray(a))
+        a = torch.from_numpy(np.ascontiguousarray(native_order(a)))
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or torch.Tensor, got {type(a).__name__}")
     return a.to(dtype) if dtype is not None else a

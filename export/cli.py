@@ -143,6 +143,9 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
               "fp32's")
     if "flag_agreement" in report:
         print(f"  flags agree with fp32's on {100 * report['flag_agreement']:.1f}% of inputs")
+    if quantize == "dynamic":
+        print(f"  a sample's output moves by up to {report['batch_effect']:.3g} with the rest of "
+              "its batch (dynamic int8 scales activations per batch; static fixes them)")
     return report
 
 

@@ -62,6 +62,13 @@ def topk_overlap(want_items: np.ndarray, want_scores: np.ndarray,
     return float(np.mean(shares)) if shares else float("nan")
 
 
+def _error(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """|got - want| elementwise, 0 where both are the same infinity (a recommender's -inf
+    scores for users without k unseen items must match exactly)."""
+    same_inf = np.isinf(want) & (got == want)
+    return np.where(same_inf, 0.0, np.abs(got.astype(np.float64) - want))
+
+
 def _median_latency(session, feed: dict, reps: int = 20) -> float:
     session.run(None, feed)
     times = []
@@ -81,7 +88,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     error (of the first floating output: a recommender's scores) and latency are measured on
     ``inputs`` (default: the calibration set, else random inputs in [0, 1], 0/1 rows for a
     recommender). Returns {"mode", "src_bytes", "dst_bytes", "size_ratio",
-    "max_abs_error", "mean_abs_error", "src_latency_s", "dst_latency_s"}, and for a
+    "max_abs_error", "mean_abs_error", "batch_effect" (how far a sample's output moves with
+    the rest of its batch: dynamic int8's activation scales are the batch's; rounding alone
+    in the other modes), "src_latency_s", "dst_latency_s"}, and for a
     recommender "topk_overlap" (:func:`topk_overlap` of the two files' lists), for a scorer
     "flag_agreement" (the share of inputs both flag alike).
     """
@@ -173,8 +182,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
     out = next(i for i, o in enumerate(ref.get_outputs()) if "float" in o.type)
     want_all, got_all = ref.run(None, feed), new.run(None, feed)
     want, got = want_all[out].astype(np.float64), got_all[out]
-    same_inf = np.isinf(want) & (got == want)
-    err = np.where(same_inf, 0.0, np.abs(got.astype(np.float64) - want))
+    err = _error(got, want)
+    # Dynamic int8 scales each run's activations by the whole batch's range, so a sample's
+    # output depends on the samples run beside it (an outlier, what a scorer looks for, moves
+    # every other score): the largest change against running each sample alone.
+    n = min(len(inputs), 64)
+    alone = np.concatenate([new.run(None, {first.name: inputs[i:i + 1]})[out] for i in range(n)])
     report = {
         "mode": mode,
         "src_bytes": src.stat().st_size,
@@ -182,6 +195,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "dynami
         "size_ratio": len(data) / src.stat().st_size,
         "max_abs_error": float(err.max()),
         "mean_abs_error": float(err.mean()),
+        "batch_effect": float(_error(alone, got[:n].astype(np.float64)).max()),
         "src_latency_s": _median_latency(ref, feed),
         "dst_latency_s": _median_latency(new, feed),
     }

@@ -460,6 +460,20 @@ def test_quantize_reports_what_a_scorer_and_a_recommender_act_on(tmp_path):
     assert 0.5 < report["flag_agreement"] <= 1
     assert report["flag_agreement"] == np.mean(want["is_anomaly"] == got["is_anomaly"])
     assert "topk_overlap" not in report
+    # Dynamic int8 scales activations by the batch's range: a sample's score depends on the
+    # samples beside it, and the report says by how much; static scales are fixed.
+    import onnxruntime as ort
+
+    def scores(path, rows):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["score"], {"x": rows})[0]
+
+    batch = scores(tmp_path / "s8.onnx", x)
+    alone = np.concatenate([scores(tmp_path / "s8.onnx", x[i:i + 1]) for i in range(64)])
+    assert report["batch_effect"] == pytest.approx(np.abs(alone - batch[:64]).max())
+    assert report["batch_effect"] > 1e-4
+    static = quantize(src, tmp_path / "s8s.onnx", mode="static", calibration=x, inputs=x)
+    assert static["batch_effect"] < 1e-6
 
     rows = (x > 0.5).astype(np.float32)
     src = to_onnx(model, tmp_path / "r.onnx", part="recommender", k=5)

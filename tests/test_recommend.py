@@ -446,3 +446,33 @@ def test_items_nobody_used_in_training_are_not_recommended(tmp_path):
         np.zeros((1, 8), np.float32))
     assert sorted(out["items"][0].tolist()) == [0, 1, 3, 4, 5, 7]  # 0 and 1 tie, at 1.0
     np.testing.assert_allclose(out["scores"], scores, rtol=1e-6)
+
+
+def test_big_endian_histories_recommend_as_native_ones(tmp_path):
+    # torch takes no other byte order than the machine's: a '>f4' file failed with torch's
+    # "byte order different from the native byte order".
+    from aecore.autoencoder import AutoEncoder
+    from aecore.io import save_model
+    from aecore.recommend import recommend_file
+
+    torch.manual_seed(0)
+    save_model(AutoEncoder(12, hidden_dims=(8,), latent_dim=3).eval(), tmp_path / "m",
+               extra={"data": "history.csv"})
+    rows = _random_rows(6, 12, seed=2)
+    np.save(tmp_path / "le.npy", rows)
+    np.save(tmp_path / "be.npy", rows.astype(">f4"))
+    want = recommend_file(tmp_path / "m", tmp_path / "le.npy", tmp_path / "le.npz", k=4)
+    got = recommend_file(tmp_path / "m", tmp_path / "be.npy", tmp_path / "be.npz", k=4)
+    for key in ("items", "scores"):
+        np.testing.assert_array_equal(got[key], want[key])
+    # In memory too: the Trainer, embed and search take such arrays as they take native ones.
+    from aecore.search import LatentIndex, embed
+    from aecore.train import Trainer
+
+    model = AutoEncoder(12, hidden_dims=(8,), latent_dim=3)
+    hist = Trainer(model, epochs=1, batch_size=4, progress=False, val_fraction=0).fit(
+        rows.astype(">f4"))
+    assert len(hist) == 1
+    codes = embed(model, rows.astype(">f4"))
+    torch.testing.assert_close(codes, embed(model, rows))
+    assert LatentIndex(codes.numpy().astype(">f4")).search(codes[:2], 1)[1].tolist() == [[0], [1]]
