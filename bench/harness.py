@@ -45,7 +45,10 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 20, warmup: 
         for name in names:
             fn = fns[name]
             if device == "cuda":
-                # CUDA events time the device work, not Python's launch overhead around it.
+                # CUDA events on the stream, synchronised every turn: from the call's first
+                # launch to its last kernel's end. The stream is idle when the call starts, so
+                # host dispatch between launches counts where the GPU waits for it: small ops
+                # measure their per-call latency (dispatch-bound), large ones their kernels.
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
                     enable_timing=True)
                 start.record()
