@@ -34,9 +34,14 @@ def env_backend() -> str:
     return os.environ.decodevalue(value) if value else "auto"
 
 
+_TRUTHY = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``), read as
+    Triton reads it: 1, true, on, yes or y in any case; anything else (0, false, off) is off."""
+    # Parsed here, not through triton.knobs, which torch.compile can't trace.
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUTHY
 
 
 @functools.cache
@@ -56,6 +61,8 @@ _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 def autocasting(t: torch.Tensor) -> torch.dtype | None:
     """autocast's lower-precision dtype where it is on for ``t``'s device type, else None."""
     device = t.device.type
+    if not torch.amp.is_autocast_available(device):  # meta tensors, say: autocast has no state
+        return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 

@@ -222,6 +222,8 @@ def _torch_eps(shape: torch.Size, seed: int, device: torch.device,
     """The torch path's noise: streams of torch.randn (``stream_size``), each from a generator
     seeded with a mix of ``seed`` and the stream's index."""
     n = shape.numel()
+    if device.type == "meta":  # shapes only: no generator, no values
+        return torch.empty(shape, device=device, dtype=dtype)
     if n <= MIN_STREAM:  # one stream, straight into a new tensor
         g = _generator(device)
         g.manual_seed(_stream_seed(seed, 0))

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aecore.kernels._backend import exporting, interpreting, resolve
+from aecore.kernels._backend import autocasting, exporting, interpreting, resolve
 
 __all__ = ["vq_nearest", "vq_nearest_reference", "aot_cases"]
 
@@ -103,7 +103,9 @@ def _vq_nearest_fwd_kernel(
                 csq += tl.sum(cf * cf, axis=0)
                 dot = tl.dot(a, ct, dot, input_precision=PRECISION)
         score = csq[None, :] - 2.0 * dot
-        score = tl.where(in_k[None, :], score, float("inf"))
+        # NaN scores (a code with inf entries: inf - inf; a row holding NaN) count as +inf:
+        # tl.argmin is not NaN-safe, and it must agree with tl.min on the chosen code.
+        score = tl.where(in_k[None, :] & (score == score), score, float("inf"))
         tile_min = tl.min(score, axis=1)
         tile_arg = tl.argmin(score, axis=1, tie_break_left=True) + k0
         # Strictly smaller only: an equal score in a later tile has a higher index.
@@ -254,6 +256,10 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, *, backend: str | None =
     ``aecore.kernels._backend.resolve``); float64 runs on torch.
     """
     _validate(x, codebook)
+    if autocasting(x) is not None:
+        # The scores' GEMM accumulates in fp32: autocast would run the torch path's in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            return vq_nearest(x, codebook, backend=backend)
     use_triton = resolve(backend, x, codebook) == "triton"
     x, codebook = x.detach(), codebook.detach()
     if exporting():

@@ -44,3 +44,31 @@ def test_auto_runs_torch_when_any_tensor_is_off_cuda(monkeypatch):
     assert resolve(None, cpu) == "torch"
     assert resolve(None, meta, cpu) == "torch"
     assert resolve("torch", cpu) == "torch"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y", "0", "false", "off", "2", ""])
+def test_interpreting_reads_the_variable_as_triton_does(monkeypatch, value):
+    # "false" meant on to aecore and off to Triton: backend="triton" on CPU tensors then gave
+    # Triton's "0 active drivers" instead of the error naming TRITON_INTERPRET.
+    import triton
+
+    from aecore.kernels._backend import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    on = bool(triton.knobs.runtime.interpret)
+    assert interpreting() is on
+    if not on:
+        with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+            resolve("triton", torch.zeros(2, 3))
+
+
+def test_meta_tensors_infer_shapes():
+    # Shape inference on the meta device, as torch's own layers allow it: autocast has no state
+    # there and no generator draws noise there (both raised internal errors).
+    from aecore.kernels import contractive_penalty, fused_linear
+
+    x, w = torch.empty(5, 4, device="meta"), torch.empty(3, 4, device="meta")
+    assert fused_linear(x, w, None, "tanh").shape == (5, 3)
+    assert contractive_penalty(x, [w], [None], ["tanh"]).shape == (5,)
+    z, kl = reparameterize(x, x)
+    assert z.shape == (5, 4) and kl.shape == (5,) and z.device.type == "meta"

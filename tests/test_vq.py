@@ -143,6 +143,35 @@ def test_a_non_finite_row_gets_a_non_finite_distance(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [16, 33])
+def test_nan_scores_against_full_tiles_of_codes(backend, k):
+    # A NaN row scores NaN against every code, and an inf code inf - inf against a row: with no
+    # padded column in a tile to fall back on, argmin met NaN (the interpreter raised on an
+    # all-NaN tile; a GPU's argmin is not NaN-safe and could disagree with min). NaN scores
+    # count as +inf now.
+    g = torch.Generator().manual_seed(2)
+    x, codebook = torch.randn(4, 2, generator=g), torch.randn(k, 2, generator=g)
+    x[0, 0] = float("nan")
+    codebook[3] = float("inf")
+    idx, dist = vq_nearest(x, codebook, backend=backend)
+    assert idx[0] == 0 and torch.isnan(dist[0])
+    finite = [i for i in range(k) if i != 3]
+    want = torch.tensor(finite)[torch.cdist(x[1:].double(), codebook[finite].double()).argmin(1)]
+    assert torch.equal(idx[1:], want)
+
+
+def test_autocast_leaves_the_scores_in_float32():
+    # The torch path's score GEMM ran in bf16 under autocast (9 of 1000 rows got a code that
+    # is not the nearest); the Triton path never did.
+    g = torch.Generator().manual_seed(5)
+    x, codebook = torch.randn(1000, 16, generator=g), torch.randn(512, 16, generator=g)
+    want = vq_nearest(x, codebook, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vq_nearest(x, codebook, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_no_grad(backend):
     codebook = torch.randn(5, 3, requires_grad=True)
     idx, dist = vq_nearest(torch.zeros(0, 3), codebook, backend=backend)
