@@ -133,6 +133,10 @@ def export_cli(model_dir, part: str, out, quantize: str | None = None,
         except FileNotFoundError as e:
             print(f"note: the report runs random inputs; the model's data set is missing ({e})")
             held_out = None
+        else:
+            if held_out is None and calib is None:
+                print("note: the report runs random inputs; the model's config names no data "
+                      "set (save_model(..., extra={'data': ...}) records one)")
         report = quantize_fn(fp32, out, mode=quantize, calibration=calib, inputs=held_out)
     print(f"wrote {out} ({quantize}): {report['dst_bytes']} bytes, "
           f"{100 * report['size_ratio']:.0f}% of fp32; max abs error vs fp32 "

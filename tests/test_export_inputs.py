@@ -541,3 +541,13 @@ def test_quantize_stays_the_function_after_its_module_is_imported():
     from aecore.export import quantize
 
     assert quantize is export.quantize
+
+
+def test_cli_quantize_says_when_its_report_runs_random_inputs(tmp_path, capsys):
+    # A model saved without its data set (save_model without extra) was compared on random
+    # inputs without a word.
+    save_model(_small().eval(), tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "q.onnx"),
+                 "--quantize", "dynamic"]) == 0
+    assert "note: the report runs random inputs; the model's config names no data set" \
+        in capsys.readouterr().out
