@@ -51,8 +51,8 @@ def bench_train_step(benchmark, digits, name):
         from torch._dynamo.utils import counters
 
         compiled = stepper(torch.compile(compiled_model.loss), compiled_model)
-        # Steps until one compiles nothing new: a VAE's loss breaks its graph where the noise
-        # seed is drawn (an int), and its second step compiles again with the seed dynamic.
+        # Steps until one compiles nothing new (a model whose step recompiles, say for a value
+        # it specialised on, shows here as more steps and graphs).
         graphs, steps = counters["stats"]["unique_graphs"], 0
         t0 = time.perf_counter()
         while True:

@@ -40,11 +40,13 @@ give such a KL to full precision.
 
 Backends: the Triton kernels run as the custom op ``aecore::reparameterize`` (opaque and
 differentiable for torch.compile); eager CPU runs the same math through a lighter
-``autograd.Function``. Under torch.export / ONNX export the op emits
-:func:`reparameterize_reference` with ``torch.randn_like`` noise (an unseeded RandomNormalLike);
-under torch.func transforms and forward-mode AD it runs :func:`reparameterize_reference` on the
-torch path's noise (torch.clamp's gradient there). The torch path's backward is first order
-only: with ``create_graph=True`` it raises.
+``autograd.Function``. Under torch.compile a default seed is drawn inside the graph (a
+``torch.randint`` on the default CPU generator, so ``torch.manual_seed`` repeats compiled runs
+too) and reaches the op as a 0-d tensor: drawing it breaks no graph. Under torch.export / ONNX
+export the op emits :func:`reparameterize_reference` with ``torch.randn_like`` noise (an
+unseeded RandomNormalLike); under torch.func transforms and forward-mode AD it runs
+:func:`reparameterize_reference` on the torch path's noise (torch.clamp's gradient there).
+The torch path's backward is first order only: with ``create_graph=True`` it raises.
 """
 
 from __future__ import annotations
@@ -387,12 +389,13 @@ def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("aecore::reparameterize", mutates_args=())
-def _reparameterize_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int,
+def _reparameterize_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                        use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (..., D) in mu's dtype, kl (...) in float32 / float64)."""
+    """(z (..., D) in mu's dtype, kl (...) in float32 / float64); seed a 0-d int64 CPU tensor
+    (``_seed_tensor``)."""
     if use_triton:
-        return _launch_fwd(mu, logvar, seed)
-    return _torch_forward(mu, logvar, seed)[:2]
+        return _launch_fwd(mu, logvar, int(seed))
+    return _torch_forward(mu, logvar, int(seed))[:2]
 
 
 @_reparameterize_op.register_fake
@@ -402,13 +405,13 @@ def _(mu, logvar, seed, use_triton):
 
 @torch.library.custom_op("aecore::reparameterize_backward", mutates_args=())
 def _reparameterize_backward_op(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
-                                mu: torch.Tensor, logvar: torch.Tensor, seed: int,
+                                mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                                 use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dmu, dlogvar), contiguous, in mu's dtype."""
     if use_triton:
-        return _launch_bwd(grad_z, grad_kl, mu, logvar, seed)
+        return _launch_bwd(grad_z, grad_kl, mu, logvar, int(seed))
     std = _half_logvar(logvar.to(_compute_dtype(mu.dtype))).exp_()
-    return _torch_backward(grad_z, grad_kl, mu, std, seed)
+    return _torch_backward(grad_z, grad_kl, mu, std, int(seed))
 
 
 @_reparameterize_backward_op.register_fake
@@ -422,6 +425,7 @@ def _setup_context(ctx, inputs, output):
     # eps is never saved: the backward redraws it from the seed.
     ctx.save_for_backward(mu, logvar)
     ctx.set_materialize_grads(False)
+    # The 0-d seed is kept as the eager path keeps its int (8 bytes, not a saved activation).
     ctx.seed, ctx.use_triton = seed, use_triton
 
 
@@ -521,6 +525,18 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return buf.random_(generator=generator).item()
 
 
+def _seed_tensor(seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The custom op's seed, a 0-d int64 CPU tensor. Under torch.compile a default seed is
+    drawn inside the graph (torch.randint on torch's default CPU generator, which
+    torch.manual_seed sets as it sets draw_seed's), so drawing it breaks no graph: draw_seed's
+    ``.item()`` would."""
+    if seed is None:
+        if generator is None and torch.compiler.is_compiling():
+            return torch.randint(2**31, (), dtype=torch.int64)
+        seed = draw_seed(generator)
+    return torch.tensor(seed, dtype=torch.int64)
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None = None,
                    generator: torch.Generator | None = None, return_kl: bool = True,
                    backend: str | None = None):
@@ -556,18 +572,19 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None =
         z, kl = reparameterize_reference(mu, logvar, torch.randn_like(mu, dtype=cd))
         return (z, kl) if return_kl else z
     use_triton = resolve(backend, mu, logvar) == "triton"
-    if seed is None:
-        seed = draw_seed(generator)
     if transformed(mu, logvar):
         # torch.func transforms and forward-mode AD have no rules for the op: plain torch math
         # on the torch path's noise (under vmap, torch's randomness setting applies to it).
         cd = _compute_dtype(mu.dtype)
+        seed = draw_seed(generator) if seed is None else seed
         z, kl = reparameterize_reference(mu, logvar, _torch_eps(mu.shape, seed, mu.device, cd))
         return (z, kl) if return_kl else z
     if use_triton or compiling:
         # One opaque differentiable node for torch.compile, whichever backend runs inside.
-        z, kl = _reparameterize_op(mu, logvar, seed, use_triton)
-    elif torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+        z, kl = _reparameterize_op(mu, logvar, _seed_tensor(seed, generator), use_triton)
+        return (z, kl) if return_kl else z
+    seed = draw_seed(generator) if seed is None else seed
+    if torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
         z, kl = _torch_apply(mu, logvar, seed)
     else:
         z, kl, _ = _torch_forward(mu, logvar, seed)

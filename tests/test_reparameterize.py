@@ -123,7 +123,7 @@ def test_float64_torch_path_and_gradcheck():
     fn = lambda m, v: reparameterize(m, v, seed=9, backend="torch")
     assert torch.autograd.gradcheck(fn, (mu.requires_grad_(), lv.requires_grad_()))
     # The custom op (what torch.compile sees) with its torch implementation, too.
-    op = lambda m, v: torch.ops.aecore.reparameterize(m, v, 9, False)
+    op = lambda m, v: torch.ops.aecore.reparameterize(m, v, torch.tensor(9), False)
     assert torch.autograd.gradcheck(op, (mu, lv))
     # Only one output used at a time (the other gradient is None inside the backward).
     assert torch.autograd.gradcheck(lambda m, v: fn(m, v)[0], (mu, lv))
@@ -381,12 +381,12 @@ def test_saves_two_tensors_and_no_noise(backend):
 def test_opcheck(use_triton):
     mu, lv = make((5, 3), seed=10)
     torch.library.opcheck(torch.ops.aecore.reparameterize.default,
-                          (mu.requires_grad_(), lv.requires_grad_(), 7, use_triton))
+                          (mu.requires_grad_(), lv.requires_grad_(), torch.tensor(7), use_triton))
     gz, gkl = torch.randn(5, 3), torch.randn(5)
     torch.library.opcheck(torch.ops.aecore.reparameterize_backward.default,
-                          (gz, gkl, mu.detach(), lv.detach(), 7, use_triton))
+                          (gz, gkl, mu.detach(), lv.detach(), torch.tensor(7), use_triton))
     torch.library.opcheck(torch.ops.aecore.reparameterize_backward.default,
-                          (None, gkl, mu.detach(), lv.detach(), 7, use_triton))
+                          (None, gkl, mu.detach(), lv.detach(), torch.tensor(7), use_triton))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -406,6 +406,36 @@ def test_torch_compile_matches_eager(backend):
         grads.append((out.detach(), m.grad, v.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend, compiler", [("torch", "aot_eager"), ("torch", "inductor"),
+                                               ("triton", "aot_eager")])
+def test_compiled_default_seed_breaks_no_graph(backend, compiler):
+    # Without a seed, the seed is drawn inside the graph (fullgraph=True raises on a break):
+    # torch.manual_seed repeats z, another seed changes it, and the KL and gradients are those
+    # of z = mu + exp(logvar / 2) * eps for the eps drawn.
+    mu, lv = make((7, 5), seed=14)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(lambda m, v: reparameterize(m, v, backend=backend),
+                                 backend=compiler, fullgraph=True)
+        runs = []
+        for s in (3, 3, 4):
+            torch.manual_seed(s)
+            m, v = mu.clone().requires_grad_(), lv.clone().requires_grad_()
+            z, kl = compiled(m, v)
+            (z.square().sum() + kl.sum()).backward()
+            runs.append((z.detach(), kl.detach(), m.grad, v.grad))
+    first, again, other = runs
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    m, v = mu.double().requires_grad_(), lv.double().requires_grad_()
+    eps = (first[0].double() - m.detach()) / torch.exp(0.5 * v.detach())
+    z, kl = reparameterize_reference(m, v, eps)
+    (z.square().sum() + kl.sum()).backward()
+    for got, want in zip(first[1:], (kl, m.grad, v.grad)):
+        assert_close(got, want.detach())
 
 
 def test_torch_export_emits_reference_math():

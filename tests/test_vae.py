@@ -431,6 +431,27 @@ def test_triton_backend_runs_the_loss(monkeypatch, digits):
     torch.testing.assert_close(terms["loss"], terms["recon"] + terms["kl"])
 
 
+def test_compiled_loss_draws_its_noise_inside_the_graph(digits):
+    # The sampler's seed is drawn inside the graph: the one break left is the Bernoulli
+    # support check, which reads the data, and a second step compiles nothing new.
+    from torch._dynamo.utils import counters
+
+    model = _build("mlp-bernoulli")
+    x = digits[0][:32]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model.loss)(x)
+    assert explanation.graph_break_count == 1
+    assert explanation.break_reasons[0].user_stack[-1].name == "check_support"
+    torch._dynamo.reset()
+    loss = torch.compile(model.loss, backend="aot_eager")
+    made = []
+    for _ in range(2):
+        before = counters["stats"]["unique_graphs"]
+        loss(x)["loss"].backward()
+        made.append(counters["stats"]["unique_graphs"] - before)
+    assert made == [2, 0]
+
+
 def test_onnx_export_of_the_deterministic_autoencoder(trained, digits, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     x = digits[0][:4]
